@@ -1,0 +1,69 @@
+// Backend: the seam between the method pipeline and the hardware that runs the math.
+//
+// A backend compresses a batch of independent layer jobs whose token budgets are already
+// decided (layer budgets are the pipeline's business, see compression_pipeline.h). The CPU
+// backend is the reference oracle; the CUDA backend must give identical kept sets.
+//
+// Thread safety: CompressLayers may be called concurrently from several threads.
+#ifndef KVCOMPRESS_KERNELS_BACKEND_H_
+#define KVCOMPRESS_KERNELS_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/cache_geometry.h"
+#include "kernels/layer_result.h"
+#include "kernels/method_spec.h"
+
+namespace kvcompress {
+
+// One layer of one sequence to compress.
+struct LayerJob {
+  int sequence = 0;
+  int layer = 0;
+  LayerView input;
+  // Tokens each head keeps before head budgets redistribute them (n of DESIGN §3), already
+  // clamped to [1, T]. keep_all returns the layer whole (n ≥ T or a skipped layer).
+  int64_t tokens_per_head = 0;
+  bool keep_all = false;
+};
+
+// Per-head importance scores of one layer: [H_kv, T] fp32, higher = more important;
+// window tokens and protected tokens score +inf.
+struct LayerScores {
+  int sequence = 0;
+  int layer = 0;
+  std::vector<float> scores;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // "cpu" or "cuda".
+  virtual std::string_view name() const = 0;
+
+  // Scores, selects, gathers and reduces each job; results[i] receives jobs[i]'s result.
+  // Requires results.size() == jobs.size() and a spec that passed ValidateMethodSpec and
+  // CheckMethodImplemented. Fails with INTERNAL on device errors; results are then undefined.
+  virtual absl::Status CompressLayers(const CacheGeometry& geometry, const MethodSpec& spec,
+                                      std::span<const LayerJob> jobs,
+                                      std::span<LayerResult> results) = 0;
+
+  // Scores only (for cross-layer budget policies); scores[i] receives jobs[i]'s scores.
+  virtual absl::Status ScoreLayers(const CacheGeometry& geometry, const MethodSpec& spec,
+                                   std::span<const LayerJob> jobs,
+                                   std::span<LayerScores> scores) = 0;
+};
+
+// The CPU reference backend with `num_threads` workers (0: hardware concurrency).
+std::unique_ptr<Backend> MakeCpuBackend(int num_threads);
+
+}  // namespace kvcompress
+
+#endif  // KVCOMPRESS_KERNELS_BACKEND_H_

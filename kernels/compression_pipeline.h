@@ -1,0 +1,65 @@
+// CompressionPipeline: runs one request's method over its layers as they arrive.
+//
+// The pipeline owns what crosses layers: layer budgets (uniform, pyramid, dynamic) and the
+// decision of when a layer's result is final. Layers may arrive in any order and from
+// several threads; each call returns the results that became final with it (for uniform
+// and pyramid budgets: the layer just added; for cross-layer policies possibly none, then
+// several at once).
+//
+// Thread safety: AddLayer may be called concurrently. The backend must outlive the pipeline.
+#ifndef KVCOMPRESS_KERNELS_COMPRESSION_PIPELINE_H_
+#define KVCOMPRESS_KERNELS_COMPRESSION_PIPELINE_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/backend.h"
+#include "kernels/cache_geometry.h"
+#include "kernels/layer_result.h"
+#include "kernels/method_spec.h"
+
+namespace kvcompress {
+
+class CompressionPipeline final {
+ public:
+  // Validates geometry, spec and every sequence against the spec; INVALID_ARGUMENT or
+  // UNIMPLEMENTED as those checks say.
+  static absl::StatusOr<std::unique_ptr<CompressionPipeline>> Create(
+      Backend* backend, const CacheGeometry& geometry, const MethodSpec& spec,
+      std::vector<SequenceShape> sequences);
+
+  CompressionPipeline(const CompressionPipeline&) = delete;
+  CompressionPipeline& operator=(const CompressionPipeline&) = delete;
+
+  // Compresses one complete layer of one sequence. The input's shape must match the
+  // sequence declared at creation (INVALID_ARGUMENT otherwise) and each (sequence, layer)
+  // may be added once. Returns the results that became final.
+  absl::StatusOr<std::vector<LayerResult>> AddLayer(LayerInput input);
+
+  // Tokens each head of `layer` keeps for a sequence of `num_tokens` (before head budgets).
+  int64_t LayerTokenBudget(int layer, int64_t num_tokens) const;
+
+  const CacheGeometry& geometry() const { return geometry_; }
+  const MethodSpec& spec() const { return spec_; }
+  const std::vector<SequenceShape>& sequences() const { return sequences_; }
+
+ private:
+  CompressionPipeline(Backend* backend, const CacheGeometry& geometry, const MethodSpec& spec,
+                      std::vector<SequenceShape> sequences);
+
+  Backend* const backend_;
+  const CacheGeometry geometry_;
+  const MethodSpec spec_;
+  const std::vector<SequenceShape> sequences_;
+
+  absl::Mutex mu_;
+  // [sequence][layer]: whether that layer was added.
+  std::vector<std::vector<bool>> added_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvcompress
+
+#endif  // KVCOMPRESS_KERNELS_COMPRESSION_PIPELINE_H_
