@@ -1,0 +1,126 @@
+#include "kernels/compression_pipeline.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace kvcompress {
+namespace {
+
+std::string ShapeText(const SequenceShape& shape) {
+  return absl::StrCat("{num_tokens ", shape.num_tokens, ", num_window_queries ",
+                      shape.num_window_queries, ", num_score_heads ", shape.num_score_heads, "}");
+}
+
+absl::string_view DTypeText(DType dtype) {
+  const std::string_view name = DTypeName(dtype);
+  return {name.data(), name.size()};
+}
+
+// `what` of layer `where`: expected `expected_bytes` (described by `elements`), got `got`.
+absl::Status CheckBytes(absl::string_view where, absl::string_view what, size_t got,
+                        size_t expected_bytes, absl::string_view elements) {
+  if (got == expected_bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(where, " ", what, ": expected ", elements, " (",
+                                                 expected_bytes, " bytes), got ", got, " bytes"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CompressionPipeline>> CompressionPipeline::Create(
+    Backend* backend, const CacheGeometry& geometry, const MethodSpec& spec,
+    std::vector<SequenceShape> sequences) {
+  if (backend == nullptr)
+    return absl::InvalidArgumentError("backend: expected a backend, got null");
+  KVC_RETURN_IF_ERROR(ValidateGeometry(geometry));
+  KVC_RETURN_IF_ERROR(ValidateMethodSpec(spec, geometry));
+  KVC_RETURN_IF_ERROR(CheckMethodImplemented(spec));
+  if (sequences.empty()) {
+    return absl::InvalidArgumentError("sequences: expected at least one sequence, got none");
+  }
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    KVC_RETURN_IF_ERROR(
+        ValidateSequenceForMethod(spec, geometry, sequences[i], static_cast<int>(i)));
+  }
+  return std::unique_ptr<CompressionPipeline>(
+      new CompressionPipeline(backend, geometry, spec, std::move(sequences)));
+}
+
+CompressionPipeline::CompressionPipeline(Backend* backend, const CacheGeometry& geometry,
+                                         const MethodSpec& spec,
+                                         std::vector<SequenceShape> sequences)
+    : backend_(backend), geometry_(geometry), spec_(spec), sequences_(std::move(sequences)) {
+  added_.assign(sequences_.size(), std::vector<bool>(geometry_.num_layers, false));
+}
+
+int64_t CompressionPipeline::LayerTokenBudget(int layer, int64_t num_tokens) const {
+  // Uniform layer budgets only in this build (CheckMethodImplemented guarantees it).
+  if (IsSkippedLayer(spec_, layer)) return num_tokens;
+  return TokensToKeep(spec_.budget, num_tokens);
+}
+
+absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::AddLayer(LayerInput input) {
+  if (input.sequence < 0 || static_cast<size_t>(input.sequence) >= sequences_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", input.sequence,
+                                                   ": out of range; the request declared ",
+                                                   sequences_.size(), " sequences"));
+  }
+  const std::string where = absl::StrCat("sequence ", input.sequence, " layer ", input.layer);
+  if (input.layer < 0 || input.layer >= geometry_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": out of range; the model has ", geometry_.num_layers, " layers"));
+  }
+  const SequenceShape& declared = sequences_[input.sequence];
+  if (input.shape.num_tokens != declared.num_tokens ||
+      input.shape.num_window_queries != declared.num_window_queries ||
+      input.shape.num_score_heads != declared.num_score_heads) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": shape ", ShapeText(input.shape),
+                                                   " does not match the declared ",
+                                                   ShapeText(declared)));
+  }
+  const int64_t num_tokens = declared.num_tokens;
+  const std::string kv_elements =
+      absl::StrCat(geometry_.num_kv_heads, "*", num_tokens, "*", geometry_.head_dim, " ",
+                   DTypeText(geometry_.dtype), " elements");
+  KVC_RETURN_IF_ERROR(CheckBytes(where, "keys", input.keys.size(),
+                                 geometry_.KeyValueBytes(num_tokens), kv_elements));
+  KVC_RETURN_IF_ERROR(CheckBytes(where, "values", input.values.size(),
+                                 geometry_.KeyValueBytes(num_tokens), kv_elements));
+  KVC_RETURN_IF_ERROR(CheckBytes(
+      where, "queries", input.queries.size(), geometry_.QueryBytes(declared.num_window_queries),
+      absl::StrCat(geometry_.num_query_heads, "*", declared.num_window_queries, "*",
+                   geometry_.head_dim, " ", DTypeText(geometry_.dtype), " elements")));
+  KVC_RETURN_IF_ERROR(
+      CheckBytes(where, "scores", input.scores.size() * sizeof(float),
+                 CacheGeometry::ScoreBytes(declared.num_score_heads, num_tokens),
+                 absl::StrCat(declared.num_score_heads, "*", num_tokens, " float32 elements")));
+
+  {
+    absl::MutexLock lock(&mu_);
+    std::vector<bool>::reference added = added_[input.sequence][input.layer];
+    if (added) return absl::InvalidArgumentError(absl::StrCat(where, ": added twice"));
+    added = true;
+  }
+
+  LayerJob job;
+  job.sequence = input.sequence;
+  job.layer = input.layer;
+  job.input = input.view();
+  job.tokens_per_head = LayerTokenBudget(input.layer, num_tokens);
+  job.keep_all = IsSkippedLayer(spec_, input.layer) || job.tokens_per_head >= num_tokens;
+
+  std::vector<LayerResult> results(1);
+  const absl::Status status =
+      backend_->CompressLayers(geometry_, spec_, std::span<const LayerJob>(&job, 1), results);
+  if (!status.ok()) {
+    // The layer was not consumed; let the caller retry it.
+    absl::MutexLock lock(&mu_);
+    added_[input.sequence][input.layer] = false;
+    return status;
+  }
+  return results;
+}
+
+}  // namespace kvcompress

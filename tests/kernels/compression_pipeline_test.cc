@@ -1,0 +1,210 @@
+#include "kernels/compression_pipeline.h"
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tests/kernels/test_layers.h"
+
+namespace kvcompress {
+namespace {
+
+using ::kvcompress::testing::KeptOfHead;
+using ::kvcompress::testing::MakeRandomLayer;
+using ::kvcompress::testing::ReferenceKept;
+using ::kvcompress::testing::ReferenceScores;
+
+CacheGeometry SmallGeometry() {
+  CacheGeometry geometry;
+  geometry.num_layers = 4;
+  geometry.num_kv_heads = 2;
+  geometry.num_query_heads = 8;
+  geometry.head_dim = 64;
+  geometry.dtype = DType::kBFloat16;
+  geometry.layout = Layout::kHND;
+  return geometry;
+}
+
+MethodSpec KnormSpec(double keep_ratio) {
+  MethodSpec spec;
+  spec.scorer = ScorerKind::kKnorm;
+  spec.budget.keep_ratio = keep_ratio;
+  return spec;
+}
+
+class CompressionPipelineTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<CompressionPipeline> MakePipeline(const MethodSpec& spec,
+                                                    std::vector<SequenceShape> sequences) {
+    auto pipeline =
+        CompressionPipeline::Create(backend_.get(), geometry_, spec, std::move(sequences));
+    EXPECT_TRUE(pipeline.ok()) << pipeline.status();
+    return pipeline.ok() ? std::move(pipeline).value() : nullptr;
+  }
+
+  const CacheGeometry geometry_ = SmallGeometry();
+  std::unique_ptr<Backend> backend_ = MakeCpuBackend(2);
+};
+
+TEST_F(CompressionPipelineTest, CompressesOneLayerWithTheUniformBudget) {
+  const MethodSpec spec = KnormSpec(0.29);
+  auto pipeline = MakePipeline(spec, {{100, 0, 0}, {37, 0, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  EXPECT_EQ(pipeline->LayerTokenBudget(0, 100), 29);
+  EXPECT_EQ(pipeline->LayerTokenBudget(0, 37), 10);
+
+  LayerInput input = MakeRandomLayer(geometry_, 100, 0, /*seed=*/11, /*sequence=*/0, /*layer=*/2);
+  const auto reference = ReferenceScores(geometry_, spec, input);
+  auto results = pipeline->AddLayer(std::move(input));
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 1u);
+  const LayerResult& result = (*results)[0];
+  EXPECT_EQ(result.sequence, 0);
+  EXPECT_EQ(result.layer, 2);
+  EXPECT_EQ(result.kept, std::vector<int32_t>({29, 29}));
+  EXPECT_EQ(result.offsets, std::vector<int32_t>({0, 29, 58}));
+  for (int head = 0; head < 2; ++head) {
+    EXPECT_EQ(KeptOfHead(result, head), ReferenceKept(reference[head], 29)) << "head " << head;
+  }
+  EXPECT_EQ(result.attention_mass_kept, -1.0);
+}
+
+TEST_F(CompressionPipelineTest, SkippedLayersAndFullBudgetsKeepEverything) {
+  MethodSpec spec = KnormSpec(0.5);
+  spec.skip_layers = {1};
+  auto pipeline = MakePipeline(spec, {{50, 0, 0}, {1, 0, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  EXPECT_EQ(pipeline->LayerTokenBudget(1, 50), 50);
+  EXPECT_EQ(pipeline->LayerTokenBudget(0, 50), 25);
+  EXPECT_EQ(pipeline->LayerTokenBudget(0, 1), 1);
+
+  auto skipped = pipeline->AddLayer(MakeRandomLayer(geometry_, 50, 0, 3, 0, 1));
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  EXPECT_EQ((*skipped)[0].kept, std::vector<int32_t>({50, 50}));
+  EXPECT_EQ(KeptOfHead((*skipped)[0], 1)[49], 49);
+
+  // T = 1: n = 1 ≥ T, the layer comes back whole.
+  auto single = pipeline->AddLayer(MakeRandomLayer(geometry_, 1, 0, 4, 1, 0));
+  ASSERT_TRUE(single.ok()) << single.status();
+  EXPECT_EQ((*single)[0].kept, std::vector<int32_t>({1, 1}));
+}
+
+TEST_F(CompressionPipelineTest, RejectsBadIndicesShapesSizesAndDuplicates) {
+  auto pipeline = MakePipeline(KnormSpec(0.5), {{100, 4, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  const auto expect_invalid = [&](LayerInput input, const std::string& substring) {
+    auto result = pipeline->AddLayer(std::move(input));
+    ASSERT_FALSE(result.ok()) << "expected an error containing: " << substring;
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(result.status().message().find(substring), std::string::npos)
+        << result.status().message();
+  };
+
+  expect_invalid(MakeRandomLayer(geometry_, 100, 4, 1, /*sequence=*/1, 0),
+                 "sequence 1: out of range; the request declared 1 sequences");
+  expect_invalid(MakeRandomLayer(geometry_, 100, 4, 1, /*sequence=*/-1, 0), "sequence -1");
+  expect_invalid(MakeRandomLayer(geometry_, 100, 4, 1, 0, /*layer=*/4),
+                 "sequence 0 layer 4: out of range; the model has 4 layers");
+  expect_invalid(MakeRandomLayer(geometry_, 100, 4, 1, 0, /*layer=*/-1), "sequence 0 layer -1");
+  expect_invalid(MakeRandomLayer(geometry_, 99, 4, 1, 0, 0),
+                 "sequence 0 layer 0: shape {num_tokens 99");
+
+  LayerInput short_keys = MakeRandomLayer(geometry_, 100, 4, 1, 0, 0);
+  short_keys.keys.resize(short_keys.keys.size() - 2);
+  expect_invalid(std::move(short_keys),
+                 "sequence 0 layer 0 keys: expected 2*100*64 bfloat16 elements (25600 bytes), "
+                 "got 25598 bytes");
+  LayerInput long_values = MakeRandomLayer(geometry_, 100, 4, 1, 0, 0);
+  long_values.values.resize(long_values.values.size() + 2);
+  expect_invalid(std::move(long_values), "sequence 0 layer 0 values: expected");
+  LayerInput no_queries = MakeRandomLayer(geometry_, 100, 4, 1, 0, 0);
+  no_queries.queries.clear();
+  expect_invalid(std::move(no_queries),
+                 "sequence 0 layer 0 queries: expected 8*4*64 bfloat16 elements (4096 bytes), got "
+                 "0 bytes");
+  LayerInput stray_scores = MakeRandomLayer(geometry_, 100, 4, 1, 0, 0);
+  stray_scores.scores.assign(100, 1.0f);
+  expect_invalid(std::move(stray_scores), "sequence 0 layer 0 scores: expected 0*100");
+
+  // Failed checks do not consume the layer; a good add does, once.
+  auto first = pipeline->AddLayer(MakeRandomLayer(geometry_, 100, 4, 1, 0, 3));
+  ASSERT_TRUE(first.ok()) << first.status();
+  expect_invalid(MakeRandomLayer(geometry_, 100, 4, 1, 0, 3), "sequence 0 layer 3: added twice");
+  auto other = pipeline->AddLayer(MakeRandomLayer(geometry_, 100, 4, 1, 0, 0));
+  EXPECT_TRUE(other.ok()) << other.status();
+}
+
+TEST_F(CompressionPipelineTest, CreateValidatesGeometrySpecAndSequences) {
+  const auto create = [&](const CacheGeometry& geometry, const MethodSpec& spec,
+                          std::vector<SequenceShape> sequences) {
+    return CompressionPipeline::Create(backend_.get(), geometry, spec, std::move(sequences))
+        .status();
+  };
+  CacheGeometry bad_geometry = geometry_;
+  bad_geometry.num_query_heads = 7;
+  absl::Status status = create(bad_geometry, KnormSpec(0.5), {{10, 0, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(
+      status.message().find("geometry.num_query_heads: 7 is not a multiple of num_kv_heads 2"),
+      std::string::npos)
+      << status;
+
+  status = create(geometry_, KnormSpec(1.5), {{10, 0, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("method.budget.keep_ratio: 1.5"), std::string::npos) << status;
+
+  MethodSpec tova = KnormSpec(0.5);
+  tova.scorer = ScorerKind::kTova;
+  status = create(geometry_, tova, {{10, 4, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(status.message().find("\"tova\""), std::string::npos) << status;
+
+  MethodSpec pyramid;
+  pyramid.layer_budget = LayerBudgetKind::kPyramid;
+  status = create(geometry_, pyramid, {{10, 4, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(status.message().find("layer budget \"pyramid\" is not implemented yet"),
+            std::string::npos)
+      << status;
+
+  MethodSpec snapkv;  // the default scorer needs window queries
+  status = create(geometry_, snapkv, {{10, 4, 0}, {10, 0, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("sequences[1]"), std::string::npos) << status;
+
+  status = create(geometry_, KnormSpec(0.5), {});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CompressionPipelineTest, ConcurrentAddsOfDistinctLayersAllSucceedAndDuplicatesFail) {
+  MethodSpec spec;  // snapkv defaults
+  auto pipeline = MakePipeline(spec, {{300, 16, 0}, {129, 64, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  std::vector<std::thread> threads;
+  std::vector<int> ok_count(8, 0);
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      // Threads t and t + 4 add the same layers; exactly one of each pair may succeed.
+      const int layer = t % 4;
+      for (int sequence = 0; sequence < 2; ++sequence) {
+        const int64_t tokens = sequence == 0 ? 300 : 129;
+        const int queries = sequence == 0 ? 16 : 64;
+        auto result = pipeline->AddLayer(
+            MakeRandomLayer(geometry_, tokens, queries, 100 + layer, sequence, layer));
+        if (result.ok()) {
+          ++ok_count[t];
+        } else {
+          EXPECT_NE(result.status().message().find("added twice"), std::string::npos);
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  int total = 0;
+  for (int count : ok_count) total += count;
+  EXPECT_EQ(total, 8);  // 2 sequences × 4 layers
+}
+
+}  // namespace
+}  // namespace kvcompress

@@ -1,0 +1,296 @@
+#include "tests/kernels/test_layers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+namespace kvcompress::testing {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+size_t ElementIndexHnd(const CacheGeometry& geometry, int64_t num_tokens, int head, int64_t token) {
+  if (geometry.layout == Layout::kHND) {
+    return (static_cast<size_t>(head) * num_tokens + token) * geometry.head_dim;
+  }
+  return (static_cast<size_t>(token) * geometry.num_kv_heads + head) * geometry.head_dim;
+}
+
+}  // namespace
+
+std::vector<float> RandomNormals(size_t count, uint32_t seed, float stddev) {
+  std::mt19937 generator(seed);
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> values(count);
+  for (float& value : values) {
+    value = normal(generator);
+    if (value == 0.0f) value = 0.5f;
+  }
+  return values;
+}
+
+std::vector<std::byte> Encode(std::span<const float> values, DType dtype) {
+  std::vector<std::byte> bytes(values.size() * DTypeSize(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (dtype == DType::kFloat32) {
+      std::memcpy(bytes.data() + 4 * i, &values[i], 4);
+      continue;
+    }
+    uint16_t bits =
+        dtype == DType::kBFloat16 ? FloatToBFloat16(values[i]) : FloatToFloat16(values[i]);
+    if ((bits & 0x7fffu) == 0) bits = dtype == DType::kBFloat16 ? 0x3f00u : 0x3800u;  // 0.5
+    std::memcpy(bytes.data() + 2 * i, &bits, 2);
+  }
+  return bytes;
+}
+
+LayerInput MakeRandomLayer(const CacheGeometry& geometry, int64_t num_tokens,
+                           int num_window_queries, uint32_t seed, int sequence, int layer) {
+  LayerInput input;
+  input.sequence = sequence;
+  input.layer = layer;
+  input.shape.num_tokens = num_tokens;
+  input.shape.num_window_queries = num_window_queries;
+  const size_t kv_count =
+      static_cast<size_t>(geometry.num_kv_heads) * num_tokens * geometry.head_dim;
+  const size_t query_count =
+      static_cast<size_t>(geometry.num_query_heads) * num_window_queries * geometry.head_dim;
+  input.keys = Encode(RandomNormals(kv_count, seed * 3 + 1), geometry.dtype);
+  input.values = Encode(RandomNormals(kv_count, seed * 3 + 2), geometry.dtype);
+  input.queries = Encode(RandomNormals(query_count, seed * 3 + 3), geometry.dtype);
+  return input;
+}
+
+double KeyAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
+             int d) {
+  const size_t index = ElementIndexHnd(geometry, input.shape.num_tokens, head, token) + d;
+  return LoadAsFloat(input.keys.data(), geometry.dtype, index);
+}
+
+double QueryAt(const CacheGeometry& geometry, const LayerInput& input, int query_head, int query,
+               int d) {
+  const size_t index = (static_cast<size_t>(query_head) * input.shape.num_window_queries + query) *
+                           geometry.head_dim +
+                       d;
+  return LoadAsFloat(input.queries.data(), geometry.dtype, index);
+}
+
+std::span<const std::byte> RowBytes(const CacheGeometry& geometry, const LayerInput& input,
+                                    const std::vector<std::byte>& tensor, int head, int64_t token) {
+  const size_t element = DTypeSize(geometry.dtype);
+  const size_t index = ElementIndexHnd(geometry, input.shape.num_tokens, head, token);
+  return std::span<const std::byte>(tensor.data() + index * element,
+                                    static_cast<size_t>(geometry.head_dim) * element);
+}
+
+std::vector<std::vector<std::vector<double>>> ReferenceWindowAttention(
+    const CacheGeometry& geometry, const LayerInput& input, int num_queries) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  const int num_sent = input.shape.num_window_queries;
+  const int group = geometry.num_query_heads / geometry.num_kv_heads;
+  std::vector<std::vector<std::vector<double>>> attention(
+      geometry.num_query_heads,
+      std::vector<std::vector<double>>(num_queries, std::vector<double>(num_tokens)));
+  const int dim = geometry.head_dim;
+  // Decoded once: keys [H_kv][T·D], queries of the scoring window [H_q][num_queries·D].
+  std::vector<std::vector<double>> keys(geometry.num_kv_heads,
+                                        std::vector<double>(num_tokens * dim));
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      for (int d = 0; d < dim; ++d) keys[head][j * dim + d] = KeyAt(geometry, input, head, j, d);
+    }
+  }
+  std::vector<std::vector<double>> queries(geometry.num_query_heads,
+                                           std::vector<double>(num_queries * dim));
+  for (int qh = 0; qh < geometry.num_query_heads; ++qh) {
+    for (int i = 0; i < num_queries; ++i) {
+      for (int d = 0; d < dim; ++d) {
+        queries[qh][i * dim + d] = QueryAt(geometry, input, qh, num_sent - num_queries + i, d);
+      }
+    }
+  }
+  for (int qh = 0; qh < geometry.num_query_heads; ++qh) {
+    const int head = qh / group;
+    for (int i = 0; i < num_queries; ++i) {
+      const int64_t position = num_tokens - num_queries + i;
+      std::vector<double>& row = attention[qh][i];
+      for (int64_t j = 0; j < num_tokens; ++j) {
+        double dot = 0;
+        for (int d = 0; d < dim; ++d) dot += queries[qh][i * dim + d] * keys[head][j * dim + d];
+        row[j] = j <= position ? dot / std::sqrt(static_cast<double>(geometry.head_dim)) : -kInf;
+      }
+      const double max_logit = *std::max_element(row.begin(), row.end());
+      double sum = 0;
+      for (double& value : row) {
+        value = std::exp(value - max_logit);
+        sum += value;
+      }
+      for (double& value : row) value /= sum;
+    }
+  }
+  return attention;
+}
+
+namespace {
+
+std::vector<std::vector<double>> ReferenceSnapKv(const CacheGeometry& geometry,
+                                                 const SnapKvOptions& options,
+                                                 const LayerInput& input) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  const int window = std::min(options.window_size, input.shape.num_window_queries);
+  const int64_t prefix = num_tokens - window;
+  const int group = geometry.num_query_heads / geometry.num_kv_heads;
+  const auto attention = ReferenceWindowAttention(geometry, input, window);
+
+  std::vector<std::vector<double>> scores(geometry.num_kv_heads,
+                                          std::vector<double>(num_tokens, kInf));
+  std::vector<std::vector<double>> pooled(geometry.num_query_heads,
+                                          std::vector<double>(prefix, 0.0));
+  const int half = options.kernel_size / 2;
+  for (int qh = 0; qh < geometry.num_query_heads; ++qh) {
+    std::vector<double> mean(prefix, 0.0);
+    for (int64_t j = 0; j < prefix; ++j) {
+      for (int i = 0; i < window; ++i) mean[j] += attention[qh][i][j];
+      mean[j] /= window;
+    }
+    // Zero-padded prefix, as torch.nn.functional.avg_pool1d / max_pool1d see it.
+    std::vector<double> padded(prefix + 2 * half, options.pooling == Pooling::kAvg ? 0.0 : -kInf);
+    std::copy(mean.begin(), mean.end(), padded.begin() + half);
+    for (int64_t j = 0; j < prefix; ++j) {
+      double value = options.pooling == Pooling::kAvg ? 0.0 : -kInf;
+      for (int t = 0; t < options.kernel_size; ++t) {
+        value = options.pooling == Pooling::kAvg ? value + padded[j + t]
+                                                 : std::max(value, padded[j + t]);
+      }
+      pooled[qh][j] = options.pooling == Pooling::kAvg ? value / options.kernel_size : value;
+    }
+  }
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    for (int64_t j = 0; j < prefix; ++j) {
+      std::vector<double> members;
+      for (int g = 0; g < group; ++g) members.push_back(pooled[head * group + g][j]);
+      const double sum = std::accumulate(members.begin(), members.end(), 0.0);
+      switch (options.group_reduction) {
+        case GroupReduction::kMean:
+          scores[head][j] = sum / group;
+          break;
+        case GroupReduction::kSum:
+          scores[head][j] = sum;
+          break;
+        case GroupReduction::kMax:
+          scores[head][j] = *std::max_element(members.begin(), members.end());
+          break;
+      }
+    }
+  }
+  return scores;
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> ReferenceScores(const CacheGeometry& geometry,
+                                                 const MethodSpec& spec, const LayerInput& input) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  std::vector<std::vector<double>> scores;
+  if (spec.scorer == ScorerKind::kSnapKv) {
+    scores = ReferenceSnapKv(geometry, spec.snapkv, input);
+  } else {
+    scores.assign(geometry.num_kv_heads, std::vector<double>(num_tokens));
+    for (int head = 0; head < geometry.num_kv_heads; ++head) {
+      for (int64_t j = 0; j < num_tokens; ++j) {
+        if (spec.scorer == ScorerKind::kKnorm) {
+          double squares = 0;
+          for (int d = 0; d < geometry.head_dim; ++d) {
+            squares += KeyAt(geometry, input, head, j, d) * KeyAt(geometry, input, head, j, d);
+          }
+          scores[head][j] = -std::sqrt(squares);
+        } else {
+          scores[head][j] = j < spec.streaming.sinks ? kInf : static_cast<double>(j);
+        }
+      }
+    }
+  }
+  for (auto& row : scores) {
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      if (j < spec.protect_sinks || j >= num_tokens - spec.protect_recent) row[j] = kInf;
+    }
+  }
+  return scores;
+}
+
+std::vector<int32_t> ReferenceKept(const std::vector<double>& scores, int64_t n) {
+  std::vector<int32_t> order(scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return scores[a] > scores[b]; });
+  order.resize(n);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+KeptComparison CompareKept(const std::vector<double>& reference_scores, int64_t n,
+                           std::span<const int32_t> kept) {
+  KeptComparison comparison;
+  std::ostringstream failure;
+  if (static_cast<int64_t>(kept.size()) != n) {
+    failure << "kept " << kept.size() << " tokens, expected " << n;
+  } else if (!std::is_sorted(kept.begin(), kept.end()) ||
+             std::adjacent_find(kept.begin(), kept.end()) != kept.end()) {
+    failure << "kept positions are not strictly ascending";
+  } else if (!kept.empty() &&
+             (kept.front() < 0 || kept.back() >= static_cast<int32_t>(reference_scores.size()))) {
+    failure << "kept position out of range";
+  }
+  if (!failure.str().empty()) {
+    comparison.ok = false;
+    comparison.failure = failure.str();
+    return comparison;
+  }
+  const std::vector<int32_t> expected = ReferenceKept(reference_scores, n);
+  if (std::equal(expected.begin(), expected.end(), kept.begin(), kept.end())) return comparison;
+
+  // The boundary: the lowest score the reference keeps.
+  double boundary = kInf;
+  for (int32_t position : expected) boundary = std::min(boundary, reference_scores[position]);
+  std::vector<int32_t> differences;
+  std::set_symmetric_difference(expected.begin(), expected.end(), kept.begin(), kept.end(),
+                                std::back_inserter(differences));
+  for (int32_t position : differences) {
+    const double score = reference_scores[position];
+    const bool near_tie = std::isfinite(boundary) && std::isfinite(score) &&
+                          std::abs(score - boundary) <= 1e-6 * std::abs(boundary);
+    if (!near_tie) {
+      comparison.ok = false;
+      failure << "position " << position << " (reference score " << score
+              << ") differs from the reference kept set; boundary score " << boundary << ". ";
+    }
+  }
+  comparison.tolerated = static_cast<int64_t>(differences.size()) / 2;
+  comparison.failure = failure.str();
+  return comparison;
+}
+
+double ReferenceAttentionMass(const CacheGeometry& geometry, const LayerInput& input,
+                              int num_queries, const std::vector<std::vector<int32_t>>& kept) {
+  const auto attention = ReferenceWindowAttention(geometry, input, num_queries);
+  const int group = geometry.num_query_heads / geometry.num_kv_heads;
+  double total = 0;
+  for (int qh = 0; qh < geometry.num_query_heads; ++qh) {
+    for (int i = 0; i < num_queries; ++i) {
+      for (int32_t j : kept[qh / group]) total += attention[qh][i][j];
+    }
+  }
+  return total / (static_cast<double>(geometry.num_query_heads) * num_queries);
+}
+
+std::vector<int32_t> KeptOfHead(const LayerResult& result, int head) {
+  return std::vector<int32_t>(result.positions.begin() + result.offsets[head],
+                              result.positions.begin() + result.offsets[head + 1]);
+}
+
+}  // namespace kvcompress::testing

@@ -1,0 +1,72 @@
+// Test support for kernels/: fixed-seed random layers, and brute-force fp64 references of the
+// scorers, selection and attention mass, written independently of kernels/cpu (full attention
+// matrices, full sorts) so that the tests check the implementation rather than restate it.
+#ifndef KVCOMPRESS_TESTS_KERNELS_TEST_LAYERS_H_
+#define KVCOMPRESS_TESTS_KERNELS_TEST_LAYERS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kernels/cache_geometry.h"
+#include "kernels/layer_result.h"
+#include "kernels/method_spec.h"
+
+namespace kvcompress::testing {
+
+// `count` normal(0, stddev) samples from std::mt19937(seed), none of them zero.
+std::vector<float> RandomNormals(size_t count, uint32_t seed, float stddev = 1.0f);
+
+// `values` in `dtype` (rounded to nearest even for 16-bit types); zeros after rounding become
+// 0.5 so that no element of a test tensor is zero.
+std::vector<std::byte> Encode(std::span<const float> values, DType dtype);
+
+// A layer of random K, V ([H_kv, T, D] or [T, H_kv, D]) and num_window_queries queries.
+LayerInput MakeRandomLayer(const CacheGeometry& geometry, int64_t num_tokens,
+                           int num_window_queries, uint32_t seed, int sequence = 0, int layer = 0);
+
+// Element d of key (head, token) / query (query_head, query) as fp64, indexed by hand.
+double KeyAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
+             int d);
+double QueryAt(const CacheGeometry& geometry, const LayerInput& input, int query_head, int query,
+               int d);
+// The bytes of row (head, token) of `tensor` (keys or values of `input`).
+std::span<const std::byte> RowBytes(const CacheGeometry& geometry, const LayerInput& input,
+                                    const std::vector<std::byte>& tensor, int head, int64_t token);
+
+// Full causal attention of the last `num_queries` window queries: [H_q][num_queries][T],
+// masked entries 0.
+std::vector<std::vector<std::vector<double>>> ReferenceWindowAttention(
+    const CacheGeometry& geometry, const LayerInput& input, int num_queries);
+
+// Reference scores [H_kv][T] of snapkv, knorm or streaming, protected tokens at +inf.
+std::vector<std::vector<double>> ReferenceScores(const CacheGeometry& geometry,
+                                                 const MethodSpec& spec, const LayerInput& input);
+
+// The n best of `scores` by a full sort (score desc, position asc), ascending.
+std::vector<int32_t> ReferenceKept(const std::vector<double>& scores, int64_t n);
+
+// Compares an implementation's kept set with the reference's. Differences are allowed only
+// for tokens whose reference score lies within 1e-6 (relative) of the selection boundary,
+// where fp32 rounding may legitimately reorder a near-tie; `tolerated` counts them.
+struct KeptComparison {
+  bool ok = true;
+  int64_t tolerated = 0;
+  std::string failure;
+};
+KeptComparison CompareKept(const std::vector<double>& reference_scores, int64_t n,
+                           std::span<const int32_t> kept);
+
+// Mean over query heads and the last `num_queries` window queries of the attention landing
+// on each head's kept positions; `kept[h]` ascending.
+double ReferenceAttentionMass(const CacheGeometry& geometry, const LayerInput& input,
+                              int num_queries, const std::vector<std::vector<int32_t>>& kept);
+
+// The kept positions of head h of a result.
+std::vector<int32_t> KeptOfHead(const LayerResult& result, int head);
+
+}  // namespace kvcompress::testing
+
+#endif  // KVCOMPRESS_TESTS_KERNELS_TEST_LAYERS_H_
