@@ -1,0 +1,342 @@
+#include "service/compress_reactor.h"
+
+#include <cstdio>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "service/status_conversion.h"
+
+namespace kvcompress {
+namespace {
+
+double Seconds(std::chrono::steady_clock::duration duration) {
+  return std::chrono::duration<double>(duration).count();
+}
+
+uint64_t LayerBytes(const LayerInput& input) {
+  return input.keys.size() + input.values.size() + input.queries.size() +
+         input.scores.size() * sizeof(float);
+}
+
+}  // namespace
+
+CompressReactor::CompressReactor(grpc::CallbackServerContext* context,
+                                 const CompressEnvironment& environment, absl::Status admission,
+                                 absl::AnyInvocable<void()> on_done)
+    : context_(context), environment_(environment), on_done_(std::move(on_done)) {
+  if (environment_.metrics != nullptr) environment_.metrics->requests_in_flight.Add({}, 1);
+  absl::MutexLock lock(&mu_);
+  header_time_ = receive_end_ = opened_;
+  if (!admission.ok()) Fail(std::move(admission));
+  Continue();
+}
+
+void CompressReactor::OnReadDone(bool ok) {
+  if (!ok) {
+    // Half-close, or the call is gone.
+    absl::MutexLock lock(&mu_);
+    read_in_flight_ = false;
+    if (!terminal_) {
+      if (context_->IsCancelled()) {
+        Fail(absl::CancelledError("the client cancelled the stream"));
+      } else if (header_ == nullptr) {
+        Fail(absl::InvalidArgumentError(
+            "stream ended before the header; a Compress stream starts with a header"));
+      } else if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) {
+        Fail(std::move(complete));
+      } else {
+        reads_done_ = true;
+        receive_end_ = Clock::now();
+      }
+    }
+    Continue();
+    return;
+  }
+
+  {
+    absl::MutexLock lock(&mu_);
+    if (terminal_) {
+      read_in_flight_ = false;
+      Continue();
+      return;
+    }
+  }
+
+  // The read path owns request_ and assembler_; only the lock-free part of the work (header
+  // validation, copying chunk bytes) happens here.
+  absl::Status status;
+  std::unique_ptr<ValidatedHeader> new_header;
+  std::optional<AssembledLayer> completed;
+  uint64_t chunk_bytes = 0;
+  if (assembler_ == nullptr) {
+    absl::StatusOr<ValidatedHeader> validated =
+        ValidateHeader(request_, environment_.limits, environment_.backend);
+    if (validated.ok()) {
+      new_header = std::make_unique<ValidatedHeader>(std::move(validated).value());
+      assembler_ = std::make_unique<StreamAssembler>(new_header->geometry, new_header->sequences,
+                                                     environment_.memory);
+    } else {
+      status = validated.status();
+    }
+  } else {
+    if (request_.has_chunk()) chunk_bytes = request_.chunk().data().size();
+    absl::StatusOr<std::optional<AssembledLayer>> added = assembler_->AddRequest(request_);
+    if (added.ok()) {
+      completed = std::move(added).value();
+    } else {
+      status = added.status();
+      chunk_bytes = 0;
+    }
+  }
+  request_.Clear();
+
+  absl::MutexLock lock(&mu_);
+  read_in_flight_ = false;
+  if (terminal_) {
+    Continue();
+    return;  // `completed` releases its buffers on the way out
+  }
+  if (!status.ok()) {
+    Fail(std::move(status));
+    Continue();
+    return;
+  }
+  if (new_header != nullptr) {
+    header_time_ = Clock::now();
+    method_label_ = std::string(ScorerName(new_header->spec.scorer));
+    header_ = std::move(new_header);
+  }
+  if (chunk_bytes > 0) {
+    bytes_in_ += chunk_bytes;
+    if (environment_.metrics != nullptr) {
+      environment_.metrics->bytes_received.Add({}, static_cast<double>(chunk_bytes));
+    }
+  }
+  partial_bytes_ = assembler_->bytes_buffered();
+  if (completed.has_value()) Enqueue(std::move(*completed));
+  Continue();
+}
+
+void CompressReactor::Enqueue(AssembledLayer layer) {
+  const uint64_t bytes = LayerBytes(layer.input);
+  ++jobs_in_flight_;
+  job_bytes_ += bytes;
+  absl::Status status = environment_.scheduler->Enqueue(
+      [this, layer = std::move(layer), enqueued = Clock::now()]() mutable {
+        RunLayerJob(std::move(layer), enqueued);
+      });
+  if (!status.ok()) {
+    --jobs_in_flight_;
+    job_bytes_ -= bytes;
+    Fail(std::move(status));
+  }
+}
+
+void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueued) {
+  const Clock::time_point started = Clock::now();
+  const uint64_t input_bytes = LayerBytes(layer.input);
+  const int job_sequence = layer.input.sequence;
+  const int job_layer = layer.input.layer;
+  bool skip;
+  {
+    absl::MutexLock lock(&mu_);
+    skip = terminal_;
+  }
+  absl::StatusOr<std::vector<LayerResult>> results =
+      skip ? absl::StatusOr<std::vector<LayerResult>>(absl::CancelledError("stream ended"))
+           : header_->pipeline->AddLayer(std::move(layer.input));
+  layer.input = LayerInput();
+  layer.reservation.Release();
+  const Clock::time_point compressed_at = Clock::now();
+
+  // Per-result accounting and encoding, outside the lock.
+  uint64_t tokens_in = 0, tokens_kept = 0;
+  uint32_t deferred = 0;
+  double score = 0, select = 0, gather = 0;
+  std::vector<EncodedLayerResult> encoded;
+  if (results.ok()) {
+    encoded.reserve(results->size());
+    for (LayerResult& result : *results) {
+      const SequenceShape& shape = header_->sequences[result.sequence];
+      tokens_in += static_cast<uint64_t>(shape.num_tokens) * header_->geometry.num_kv_heads;
+      tokens_kept += static_cast<uint64_t>(result.total_kept());
+      if (result.sequence != job_sequence || result.layer != job_layer) ++deferred;
+      score += result.seconds.score;
+      select += result.seconds.select;
+      gather += result.seconds.gather;
+      if (environment_.metrics != nullptr) {
+        ServiceMetrics& metrics = *environment_.metrics;
+        metrics.layer_stage_duration.Observe({"score"}, result.seconds.score);
+        metrics.layer_stage_duration.Observe({"select"}, result.seconds.select);
+        metrics.layer_stage_duration.Observe({"gather"}, result.seconds.gather);
+        if (result.attention_mass_kept >= 0) {
+          metrics.attention_mass_kept.Observe({}, result.attention_mass_kept);
+        }
+      }
+      encoded.emplace_back(std::move(result), header_->geometry, header_->padded_output,
+                           header_->return_merged_counts);
+    }
+  }
+  const Clock::time_point encoded_at = Clock::now();
+  if (!skip && environment_.metrics != nullptr) {
+    environment_.metrics->layer_stage_duration.Observe({"queue"}, Seconds(started - enqueued));
+    environment_.metrics->tokens_in.Add({}, static_cast<double>(tokens_in));
+    environment_.metrics->tokens_kept.Add({}, static_cast<double>(tokens_kept));
+  }
+
+  absl::MutexLock lock(&mu_);
+  --jobs_in_flight_;
+  job_bytes_ -= input_bytes;
+  if (!skip && !terminal_) {
+    queue_seconds_ += Seconds(started - enqueued);
+    if (!results.ok()) {
+      absl::Status status = results.status();
+      if (status.code() == absl::StatusCode::kInternal) {
+        std::fprintf(stderr, "kvcd: request %s: %s\n", header_->request_id.c_str(),
+                     std::string(status.message()).c_str());
+        status = absl::InternalError(
+            absl::StrCat("request ", header_->request_id, ": ", status.message()));
+      }
+      Fail(std::move(status));
+    } else {
+      tokens_in_ += tokens_in;
+      tokens_kept_ += tokens_kept;
+      deferred_layers_ += deferred;
+      score_seconds_ += score;
+      select_seconds_ += select;
+      gather_seconds_ += gather;
+      send_seconds_ += Seconds(encoded_at - compressed_at);  // result serialisation
+      for (EncodedLayerResult& result : encoded) {
+        outgoing_bytes_ += result.pending_bytes();
+        outgoing_.push_back(std::move(result));
+        ++layers_final_;
+      }
+    }
+  }
+  Continue();
+}
+
+void CompressReactor::OnWriteDone(bool ok) {
+  absl::MutexLock lock(&mu_);
+  write_in_flight_ = false;
+  send_seconds_ += Seconds(Clock::now() - write_started_);
+  if (!ok) Fail(absl::CancelledError("the client stopped receiving results"));
+  Continue();
+}
+
+void CompressReactor::OnCancel() {
+  absl::MutexLock lock(&mu_);
+  if (context_->deadline() <= std::chrono::system_clock::now()) {
+    Fail(absl::DeadlineExceededError("the stream's deadline passed"));
+  } else {
+    Fail(absl::CancelledError("the client cancelled the stream"));
+  }
+  Continue();
+}
+
+void CompressReactor::OnDone() {
+  // The thread that called Finish may still be releasing mu_; wait for it.
+  { absl::MutexLock lock(&mu_); }
+  if (environment_.metrics != nullptr) environment_.metrics->requests_in_flight.Add({}, -1);
+  if (on_done_) std::move(on_done_)();
+  delete this;
+}
+
+void CompressReactor::Fail(absl::Status status) {
+  if (terminal_ || finish_called_) return;
+  terminal_ = true;
+  status_ = std::move(status);
+  outgoing_.clear();
+  outgoing_bytes_ = 0;
+}
+
+bool CompressReactor::ReadsPaused() const {
+  const uint64_t held = partial_bytes_ + job_bytes_ + outgoing_bytes_;
+  // Pause only while something in flight will release bytes and resume reading.
+  return held >= environment_.stream_buffer_bytes &&
+         (jobs_in_flight_ > 0 || write_in_flight_ || !outgoing_.empty());
+}
+
+void CompressReactor::Continue() {
+  if (finish_called_) return;
+  if (terminal_) {
+    if (jobs_in_flight_ == 0 && !write_in_flight_) {
+      finish_called_ = true;
+      RecordOutcome(status_);
+      Finish(ToGrpcStatus(status_));
+    }
+    return;
+  }
+  if (!reads_done_ && !read_in_flight_ && !ReadsPaused()) {
+    read_in_flight_ = true;
+    StartRead(&request_);
+  }
+  if (write_in_flight_) return;
+  response_.Clear();
+  while (!outgoing_.empty()) {
+    EncodedLayerResult& front = outgoing_.front();
+    const uint64_t pending_before = front.pending_bytes();
+    if (front.Next(response_)) {
+      const uint64_t sent = pending_before - front.pending_bytes();
+      outgoing_bytes_ -= sent;
+      bytes_out_ += sent;
+      if (sent > 0 && environment_.metrics != nullptr) {
+        environment_.metrics->bytes_sent.Add({}, static_cast<double>(sent));
+      }
+      write_in_flight_ = true;
+      write_started_ = Clock::now();
+      StartWrite(&response_);
+      return;
+    }
+    outgoing_.pop_front();
+  }
+  if (reads_done_ && jobs_in_flight_ == 0) {
+    const int64_t expected_layers =
+        static_cast<int64_t>(header_->sequences.size()) * header_->geometry.num_layers;
+    if (layers_final_ != expected_layers) {
+      Fail(absl::InternalError(absl::StrCat("request ", header_->request_id, ": the pipeline ",
+                                            "produced ", layers_final_, " of ", expected_layers,
+                                            " layer results")));
+      Continue();
+      return;
+    }
+    FillSummary(*response_.mutable_summary());
+    finish_called_ = true;
+    RecordOutcome(absl::OkStatus());
+    StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+  }
+}
+
+void CompressReactor::FillSummary(v1::CompressSummary& summary) {
+  const Clock::time_point now = Clock::now();
+  summary.set_request_id(header_->request_id);
+  summary.set_tokens_in(tokens_in_);
+  summary.set_tokens_kept(tokens_kept_);
+  summary.set_bytes_in(bytes_in_);
+  summary.set_bytes_out(bytes_out_);
+  summary.set_backend(std::string(environment_.backend->name()));
+  v1::StageTimings& timings = *summary.mutable_timings();
+  timings.set_receive_seconds(Seconds(receive_end_ - header_time_));
+  timings.set_queue_seconds(queue_seconds_);
+  timings.set_score_seconds(score_seconds_);
+  timings.set_select_seconds(select_seconds_);
+  timings.set_gather_seconds(gather_seconds_);
+  timings.set_send_seconds(send_seconds_);
+  timings.set_total_seconds(Seconds(now - header_time_));
+  timings.set_deferred_layers(deferred_layers_);
+}
+
+void CompressReactor::RecordOutcome(const absl::Status& status) {
+  if (environment_.metrics == nullptr) return;
+  ServiceMetrics& metrics = *environment_.metrics;
+  metrics.requests.Increment({method_label_, absl::StatusCodeToString(status.code())});
+  metrics.request_duration.Observe({method_label_}, Seconds(Clock::now() - opened_));
+  if (status.ok() && tokens_in_ > 0) {
+    metrics.compression_ratio.Observe(
+        {}, static_cast<double>(tokens_kept_) / static_cast<double>(tokens_in_));
+  }
+}
+
+}  // namespace kvcompress

@@ -1,0 +1,144 @@
+// CompressReactor: one Compress stream (callback API), from the header to the summary.
+//
+// The reactor reads continuously: the header is validated at once (header_validation.h),
+// chunks go to a StreamAssembler, and every completed layer becomes a job on the shared
+// LayerScheduler. The worker that finishes a job encodes its results and hands them back;
+// the reactor writes them (one write in flight, an outgoing queue behind it) as soon as they
+// are final, then, after half-close and the last layer, the CompressSummary with OK.
+//
+// The reactor never blocks and never waits for compression. Reading pauses (no new
+// StartRead) while the bytes this stream holds — partial layers, queued or running layers,
+// unsent results — exceed the stream buffer and something in flight will release them.
+//
+// Errors (validation, malformed chunks, limits, backend failures), cancellation and the
+// deadline end the stream with one Finish carrying the mapped status: reading stops, queued
+// jobs of the stream are skipped, running jobs' results are dropped, and Finish is called
+// only once no job of the stream is queued or running and no write is in flight, so no
+// worker touches a deleted reactor. OnDone deletes the reactor; every buffer is released
+// by then.
+//
+// Thread safety: gRPC callbacks and worker callbacks may run concurrently; shared state is
+// guarded by mu_. All gRPC operations (StartRead/StartWrite/Finish) are started with mu_
+// held, so the decision and the call are one step.
+#ifndef KVCOMPRESS_SERVICE_COMPRESS_REACTOR_H_
+#define KVCOMPRESS_SERVICE_COMPRESS_REACTOR_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/backend.h"
+#include "kvcompress/v1/kvcompress.grpc.pb.h"
+#include "service/header_validation.h"
+#include "service/internal/encoded_layer_result.h"
+#include "service/internal/service_metrics.h"
+#include "service/layer_scheduler.h"
+#include "service/memory_budget.h"
+#include "service/server_limits.h"
+#include "service/stream_assembler.h"
+
+namespace kvcompress {
+
+// Server-lifetime objects every Compress stream uses; all must outlive the reactors.
+struct CompressEnvironment {
+  Backend* backend = nullptr;
+  LayerScheduler* scheduler = nullptr;
+  MemoryBudget* memory = nullptr;
+  ServiceMetrics* metrics = nullptr;  // may be null
+  ServerLimits limits;
+  // Bytes one stream may hold before it stops reading (default 512 MiB).
+  uint64_t stream_buffer_bytes = uint64_t{512} << 20;
+};
+
+class CompressReactor final
+    : public grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse> {
+ public:
+  // `admission` not OK refuses the stream at once with that status (concurrency limit,
+  // draining). `on_done` runs in OnDone, just before the reactor deletes itself.
+  CompressReactor(grpc::CallbackServerContext* context, const CompressEnvironment& environment,
+                  absl::Status admission, absl::AnyInvocable<void()> on_done);
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  ~CompressReactor() override = default;
+
+  // Runs on a worker: compresses one layer (unless the stream already ended), encodes its
+  // results outside the lock and hands them back.
+  void RunLayerJob(AssembledLayer layer, Clock::time_point enqueued);
+
+  void Enqueue(AssembledLayer layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends the stream with `status` (first error wins); Continue finishes once it is safe.
+  void Fail(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The one place that starts reads, writes and Finish, according to the state.
+  void Continue() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ReadsPaused() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FillSummary(v1::CompressSummary& summary) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RecordOutcome(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  grpc::CallbackServerContext* const context_;
+  const CompressEnvironment environment_;
+  absl::AnyInvocable<void()> on_done_;
+  const Clock::time_point opened_ = Clock::now();
+
+  // Owned by the read path: one read is in flight at a time and its callback alone touches
+  // request_ and assembler_.
+  v1::CompressRequest request_;
+  std::unique_ptr<StreamAssembler> assembler_;
+
+  // Written once, under mu_, when the header is accepted (before the first job exists);
+  // immutable afterwards, so workers read it without the lock.
+  std::unique_ptr<const ValidatedHeader> header_;
+
+  absl::Mutex mu_;
+  // Ended by an error or cancellation: stop reading, skip jobs, drop results.
+  bool terminal_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;  // half-close seen and every layer received
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t jobs_in_flight_ ABSL_GUARDED_BY(mu_) = 0;  // queued or running
+  std::deque<EncodedLayerResult> outgoing_ ABSL_GUARDED_BY(mu_);
+  v1::CompressResponse response_ ABSL_GUARDED_BY(mu_);  // the message being written
+
+  // Bytes this stream holds, for read pausing.
+  uint64_t partial_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // layers being assembled
+  uint64_t job_bytes_ ABSL_GUARDED_BY(mu_) = 0;       // layers queued or compressing
+  uint64_t outgoing_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // results not yet written
+
+  // Accounting for the summary and metrics.
+  std::string method_label_ ABSL_GUARDED_BY(mu_) = "unknown";
+  Clock::time_point header_time_ ABSL_GUARDED_BY(mu_);
+  Clock::time_point receive_end_ ABSL_GUARDED_BY(mu_);
+  Clock::time_point write_started_ ABSL_GUARDED_BY(mu_);
+  uint64_t bytes_in_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t bytes_out_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t tokens_in_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t tokens_kept_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t layers_final_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t deferred_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double score_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double select_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double gather_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  double send_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace kvcompress
+
+#endif  // KVCOMPRESS_SERVICE_COMPRESS_REACTOR_H_

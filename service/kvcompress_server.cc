@@ -1,0 +1,144 @@
+#include "service/kvcompress_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <unistd.h>
+
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "service/internal/server_info.h"
+#include "service/internal/service_metrics.h"
+
+#ifndef KVC_VERSION
+#define KVC_VERSION "0.0.0"
+#endif
+
+namespace kvcompress {
+namespace {
+
+// Requests carry at most 4 MiB − 1 KiB of tensor data per message plus a few fields;
+// headers with many sequences stay far below the margin.
+constexpr int kMaxReceiveMessageBytes = 4 * 1024 * 1024 + 64 * 1024;
+
+constexpr char kServiceName[] = "kvcompress.v1.KvCompress";
+
+uint64_t HalfOfPhysicalMemory() {
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page_size <= 0) return 0;
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size) / 2;
+}
+
+int ThreadsOrHardware(int threads) {
+  if (threads > 0) return threads;
+  const unsigned hardware = std::thread::hardware_concurrency();
+  return hardware > 0 ? static_cast<int>(hardware) : 1;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions options) {
+  if (options.worker_threads < 0 || options.backend_threads < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("worker_threads ", options.worker_threads,
+                                                   " and backend_threads ", options.backend_threads,
+                                                   " must be >= 0 (0: hardware threads)"));
+  }
+  if (options.limits.max_concurrent_streams == 0 || options.limits.max_sequences == 0 ||
+      options.limits.max_layers == 0 || options.limits.max_tokens == 0 ||
+      options.limits.max_request_bytes == 0) {
+    return absl::InvalidArgumentError("every --max_* limit must be >= 1");
+  }
+  std::unique_ptr<KvcServer> server(new KvcServer());
+  server->backend_ = options.backend != nullptr
+                         ? std::move(options.backend)
+                         : MakeCpuBackend(ThreadsOrHardware(options.backend_threads));
+  server->scheduler_ = std::make_unique<LayerScheduler>(ThreadsOrHardware(options.worker_threads));
+  server->memory_ = std::make_unique<MemoryBudget>(
+      options.max_buffered_bytes > 0 ? options.max_buffered_bytes : HalfOfPhysicalMemory());
+
+  server->service_metrics_ = std::make_unique<ServiceMetrics>(server->registry_);
+  LayerScheduler* scheduler = server->scheduler_.get();
+  MemoryBudget* memory = server->memory_.get();
+  server->registry_.AddGaugeCallback(
+      "kvcompress_queue_depth", "Layer jobs waiting for a worker.",
+      [scheduler] { return static_cast<double>(scheduler->queue_depth()); });
+  server->registry_.AddGaugeCallback(
+      "kvcompress_layers_running", "Layer jobs being compressed now.",
+      [scheduler] { return static_cast<double>(scheduler->running()); });
+  server->registry_.AddGaugeCallback(
+      "kvcompress_buffered_bytes", "Host bytes held by request tensor buffers.",
+      [memory] { return static_cast<double>(memory->in_use_bytes()); });
+  server->registry_.AddGaugeCallback(
+      "kvcompress_buffered_bytes_limit",
+      "Budget for request tensor buffers (--max_buffered_bytes).",
+      [memory] { return static_cast<double>(memory->limit_bytes()); });
+
+  CompressEnvironment environment;
+  environment.backend = server->backend_.get();
+  environment.scheduler = scheduler;
+  environment.memory = memory;
+  environment.metrics = server->service_metrics_.get();
+  environment.limits = options.limits;
+  environment.stream_buffer_bytes = options.stream_buffer_bytes;
+  server->service_ = std::make_unique<KvCompressService>(
+      environment, BuildServerInfo(KVC_VERSION, std::string(server->backend_->name()),
+                                   options.limits, scheduler->num_threads()));
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.RegisterService(server->service_.get());
+  builder.SetMaxReceiveMessageSize(kMaxReceiveMessageBytes);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    server->scheduler_->Shutdown();
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.address, " (address in use or invalid?)"));
+  }
+  grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
+  if (health != nullptr) {
+    health->SetServingStatus("", true);
+    health->SetServingStatus(kServiceName, true);
+  }
+
+  if (!options.metrics_address.empty()) {
+    absl::StatusOr<std::unique_ptr<MetricsHttpServer>> http =
+        MetricsHttpServer::Start(options.metrics_address, &server->registry_);
+    if (!http.ok()) {
+      server->Shutdown(std::chrono::milliseconds(0));
+      return http.status();
+    }
+    server->metrics_http_ = std::move(http).value();
+    server->metrics_port_ = server->metrics_http_->port();
+  }
+  return server;
+}
+
+void KvcServer::Shutdown(std::chrono::milliseconds deadline) {
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (server_ != nullptr) {
+    if (grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService()) {
+      health->Shutdown();  // NOT_SERVING for every service from now on
+    }
+  }
+  if (service_ != nullptr) service_->StartDraining();
+  if (server_ != nullptr) {
+    // Waits for open streams until the deadline, then cancels them; returns once every
+    // reactor is done (reactors finish only after their layer jobs did).
+    server_->Shutdown(std::chrono::system_clock::now() + deadline);
+    server_->Wait();
+  }
+  if (scheduler_ != nullptr) scheduler_->Shutdown();
+  metrics_http_.reset();
+}
+
+KvcServer::~KvcServer() { Shutdown(std::chrono::milliseconds(0)); }
+
+}  // namespace kvcompress

@@ -1,0 +1,85 @@
+// KvcServer: kvcd as a library — the gRPC server (KvCompress service, grpc.health.v1 health,
+// reflection), the layer scheduler, the backend and the Prometheus /metrics endpoint.
+//
+// Start binds the addresses (port 0 picks a free port; port() reports the bound one) and
+// returns once the server accepts calls, with health SERVING for "" and
+// "kvcompress.v1.KvCompress". Shutdown drains: health turns NOT_SERVING, new streams are
+// refused, streams still open at the deadline are cancelled, then the workers stop.
+//
+// Thread safety: port accessors are thread-safe; Shutdown may be called from any thread
+// (once is enough; later calls do nothing) and is also run by the destructor.
+#ifndef KVCOMPRESS_SERVICE_KVCOMPRESS_SERVER_H_
+#define KVCOMPRESS_SERVICE_KVCOMPRESS_SERVER_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/backend.h"
+#include "service/kvcompress_service.h"
+#include "service/layer_scheduler.h"
+#include "service/memory_budget.h"
+#include "service/metrics_http_server.h"
+#include "service/metrics_registry.h"
+#include "service/server_limits.h"
+
+namespace kvcompress {
+
+struct ServiceMetrics;
+
+struct ServerOptions {
+  std::string address = "0.0.0.0:50051";         // gRPC listen address
+  std::string metrics_address = "0.0.0.0:9464";  // /metrics; empty disables
+  int worker_threads = 0;                        // layer jobs in parallel; 0: hardware threads
+  int backend_threads = 0;                       // CPU backend threads; 0: hardware threads
+  ServerLimits limits;
+  uint64_t max_buffered_bytes = 0;  // server-wide request buffer budget; 0: half of RAM
+  uint64_t stream_buffer_bytes = uint64_t{512} << 20;  // per stream, before reads pause
+  // The backend to run; null: the CPU backend with backend_threads.
+  std::unique_ptr<Backend> backend;
+};
+
+class KvcServer final {
+ public:
+  // UNAVAILABLE when an address cannot be bound; INVALID_ARGUMENT for bad options.
+  static absl::StatusOr<std::unique_ptr<KvcServer>> Start(ServerOptions options);
+  ~KvcServer();
+  KvcServer(const KvcServer&) = delete;
+  KvcServer& operator=(const KvcServer&) = delete;
+
+  int port() const { return port_; }
+  // 0 when metrics are disabled.
+  int metrics_port() const { return metrics_port_; }
+  const MetricsRegistry& metrics() const { return registry_; }
+  int worker_threads() const { return scheduler_->num_threads(); }
+  std::string backend_name() const { return std::string(backend_->name()); }
+
+  // Drains and stops; streams still open after `deadline` are cancelled.
+  void Shutdown(std::chrono::milliseconds deadline);
+
+ private:
+  KvcServer() = default;
+
+  MetricsRegistry registry_;
+  std::unique_ptr<ServiceMetrics> service_metrics_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<MemoryBudget> memory_;
+  std::unique_ptr<LayerScheduler> scheduler_;
+  std::unique_ptr<KvCompressService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  int port_ = 0;
+  int metrics_port_ = 0;
+
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+}  // namespace kvcompress
+
+#endif  // KVCOMPRESS_SERVICE_KVCOMPRESS_SERVER_H_

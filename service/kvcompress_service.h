@@ -1,0 +1,49 @@
+// KvCompressService: the kvcompress.v1.KvCompress callback service.
+//
+// GetServerInfo answers from a ServerInfo built once at start-up. Compress creates one
+// CompressReactor per stream; a stream beyond max_concurrent_streams, or any stream once
+// draining has started, is refused at once (RESOURCE_EXHAUSTED / UNAVAILABLE).
+//
+// Thread safety: gRPC calls the handlers concurrently; the service's own state is atomic.
+// The environment's objects must outlive the service, and the service must outlive every
+// reactor it created (grpc::Server::Shutdown waits for them).
+#ifndef KVCOMPRESS_SERVICE_KVCOMPRESS_SERVICE_H_
+#define KVCOMPRESS_SERVICE_KVCOMPRESS_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "kvcompress/v1/kvcompress.grpc.pb.h"
+#include "service/compress_reactor.h"
+
+namespace kvcompress {
+
+class KvCompressService final : public v1::KvCompress::CallbackService {
+ public:
+  KvCompressService(const CompressEnvironment& environment, v1::ServerInfo info);
+  KvCompressService(const KvCompressService&) = delete;
+  KvCompressService& operator=(const KvCompressService&) = delete;
+
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::ServerInfo* response) override;
+
+  grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* Compress(
+      grpc::CallbackServerContext* context) override;
+
+  // New streams are refused with UNAVAILABLE from now on.
+  void StartDraining() { draining_.store(true); }
+  uint32_t open_streams() const { return open_streams_.load(); }
+
+ private:
+  const CompressEnvironment environment_;
+  const v1::ServerInfo info_;
+  std::atomic<uint32_t> open_streams_{0};
+  std::atomic<bool> draining_{false};
+};
+
+}  // namespace kvcompress
+
+#endif  // KVCOMPRESS_SERVICE_KVCOMPRESS_SERVICE_H_
