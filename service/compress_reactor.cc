@@ -209,7 +209,6 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
       gather_seconds_ += gather;
       send_seconds_ += Seconds(encoded_at - compressed_at);  // result serialisation
       for (EncodedLayerResult& result : encoded) {
-        outgoing_bytes_ += result.pending_bytes();
         outgoing_.push_back(std::move(result));
         ++layers_final_;
       }
@@ -249,14 +248,13 @@ void CompressReactor::Fail(absl::Status status) {
   terminal_ = true;
   status_ = std::move(status);
   outgoing_.clear();
-  outgoing_bytes_ = 0;
 }
 
 bool CompressReactor::ReadsPaused() const {
-  const uint64_t held = partial_bytes_ + job_bytes_ + outgoing_bytes_;
-  // Pause only while something in flight will release bytes and resume reading.
-  return held >= environment_.stream_buffer_bytes &&
-         (jobs_in_flight_ > 0 || write_in_flight_ || !outgoing_.empty());
+  // Pause only while a job in flight will release bytes and resume reading. Unsent results
+  // do not count: a client may write its whole request before reading any result, and
+  // pausing on them would deadlock both sides on flow control.
+  return jobs_in_flight_ > 0 && partial_bytes_ + job_bytes_ >= environment_.stream_buffer_bytes;
 }
 
 void CompressReactor::Continue() {
@@ -280,7 +278,6 @@ void CompressReactor::Continue() {
     const uint64_t pending_before = front.pending_bytes();
     if (front.Next(response_)) {
       const uint64_t sent = pending_before - front.pending_bytes();
-      outgoing_bytes_ -= sent;
       bytes_out_ += sent;
       if (sent > 0 && environment_.metrics != nullptr) {
         environment_.metrics->bytes_sent.Add({}, static_cast<double>(sent));

@@ -7,8 +7,8 @@
 // are final, then, after half-close and the last layer, the CompressSummary with OK.
 //
 // The reactor never blocks and never waits for compression. Reading pauses (no new
-// StartRead) while the bytes this stream holds — partial layers, queued or running layers,
-// unsent results — exceed the stream buffer and something in flight will release them.
+// StartRead) while the input bytes this stream holds — partial layers plus queued or running
+// layers — exceed the stream buffer and a job in flight will release some of them.
 //
 // Errors (validation, malformed chunks, limits, backend failures), cancellation and the
 // deadline end the stream with one Finish carrying the mapped status: reading stops, queued
@@ -116,10 +116,9 @@ class CompressReactor final
   std::deque<EncodedLayerResult> outgoing_ ABSL_GUARDED_BY(mu_);
   v1::CompressResponse response_ ABSL_GUARDED_BY(mu_);  // the message being written
 
-  // Bytes this stream holds, for read pausing.
-  uint64_t partial_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // layers being assembled
-  uint64_t job_bytes_ ABSL_GUARDED_BY(mu_) = 0;       // layers queued or compressing
-  uint64_t outgoing_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // results not yet written
+  // Input bytes this stream holds, for read pausing.
+  uint64_t partial_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // layers being assembled
+  uint64_t job_bytes_ ABSL_GUARDED_BY(mu_) = 0;      // layers queued or compressing
 
   // Accounting for the summary and metrics.
   std::string method_label_ ABSL_GUARDED_BY(mu_) = "unknown";

@@ -92,6 +92,8 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
   builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &server->port_);
   builder.RegisterService(server->service_.get());
   builder.SetMaxReceiveMessageSize(kMaxReceiveMessageBytes);
+  // A second kvcd on a busy port must fail, not silently share it.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     server->scheduler_->Shutdown();

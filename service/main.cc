@@ -129,9 +129,12 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "kvcd: %s received, draining\n",
                signal_number == SIGINT ? "SIGINT" : "SIGTERM");
   std::fflush(stderr);
+  const auto drain_start = std::chrono::steady_clock::now();
   kvcd.Shutdown(
       std::chrono::milliseconds(absl::ToInt64Milliseconds(absl::GetFlag(FLAGS_shutdown_deadline))));
   server->reset();
-  std::fprintf(stderr, "kvcd: stopped\n");
+  std::fprintf(
+      stderr, "kvcd: stopped after %.3f s\n",
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - drain_start).count());
   return 0;
 }

@@ -1,9 +1,16 @@
 #include "service/metrics_http_server.h"
 
+#include <arpa/inet.h>
 #include <civetweb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -17,6 +24,41 @@ constexpr char kContentType[] = "text/plain; version=0.0.4";
 // civetweb's logger would print to stderr for every client hiccup; start-up errors come back
 // through mg_start2's error data instead.
 int SilenceLog(const mg_connection*, const char*) { return 1; }
+
+// Opens and closes a TCP connection to host:port (numeric host, IPv4 or IPv6).
+void TouchPort(const std::string& host, int port) {
+  sockaddr_storage storage;
+  std::memset(&storage, 0, sizeof(storage));
+  socklen_t length = 0;
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&storage);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&storage);
+  if (inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(static_cast<uint16_t>(port));
+    length = sizeof(sockaddr_in);
+  } else if (inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(static_cast<uint16_t>(port));
+    length = sizeof(sockaddr_in6);
+  } else {
+    return;
+  }
+  const int fd = socket(storage.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  connect(fd, reinterpret_cast<sockaddr*>(&storage), length);
+  close(fd);
+}
+
+// The host to connect to for reaching a listener bound to `address` ("host:port").
+std::string LoopbackFor(const std::string& address) {
+  std::string host = address.substr(0, address.rfind(':'));
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host.empty() || host == "0.0.0.0") return "127.0.0.1";
+  if (host == "::") return "::1";
+  return host;
+}
 
 }  // namespace
 
@@ -63,11 +105,24 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
         absl::StrCat("metrics server on ", address, ": cannot read the bound port"));
   }
   server->port_ = ports[0].port;
+  server->wake_host_ = LoopbackFor(address);
   return server;
 }
 
 MetricsHttpServer::~MetricsHttpServer() {
-  if (context_ != nullptr) mg_stop(context_);
+  if (context_ == nullptr) return;
+  // civetweb's listener notices the stop flag only between polls of up to 2 s; connections
+  // wake it at once.
+  std::atomic<bool> stopped{false};
+  std::thread waker([this, &stopped] {
+    while (!stopped.load()) {
+      TouchPort(wake_host_, port_);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  mg_stop(context_);
+  stopped.store(true);
+  waker.join();
 }
 
 int MetricsHttpServer::HandleMetrics(mg_connection* connection, void* self) {

@@ -37,6 +37,7 @@ class MetricsHttpServer final {
   const MetricsRegistry* const registry_;
   mg_context* context_ = nullptr;
   int port_ = 0;
+  std::string wake_host_;  // where a connection reaches the listener (for a quick stop)
 };
 
 }  // namespace kvcompress
