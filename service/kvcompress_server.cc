@@ -132,9 +132,15 @@ void KvcServer::Shutdown(std::chrono::milliseconds deadline) {
   }
   if (service_ != nullptr) service_->StartDraining();
   if (server_ != nullptr) {
-    // Waits for open streams until the deadline, then cancels them; returns once every
+    // Open streams get until the deadline. gRPC's own deadline would also wait for idle
+    // client connections to close, so wait for the streams here and then shut down at once:
+    // what is left is cancelled and connections are closed. Shutdown returns once every
     // reactor is done (reactors finish only after their layer jobs did).
-    server_->Shutdown(std::chrono::system_clock::now() + deadline);
+    const auto give_up = std::chrono::steady_clock::now() + deadline;
+    while (service_->open_streams() > 0 && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
   }
   if (scheduler_ != nullptr) scheduler_->Shutdown();

@@ -623,6 +623,33 @@ TEST_F(KvcServerTest, ShutdownCancelsOpenStreamsAfterTheDeadline) {
   EXPECT_FALSE(stream->Finish().ok());
 }
 
+TEST_F(KvcServerTest, ShutdownLetsOpenStreamsFinishAndRefusesNewOnes) {
+  StartServer();
+  const TestRequest request = MakeRequest({{100, 0}}, 2, 2, 16, 1);
+  const std::vector<v1::CompressRequest> messages = request.Messages();
+  grpc::ClientContext context;
+  auto stream = stub_->Compress(&context);
+  ASSERT_TRUE(stream->Write(messages[0]));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
+  std::thread shutdown([&] { server_->Shutdown(std::chrono::seconds(20)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // Draining: a new stream is refused, the open one may finish.
+  const StreamOutcome refused = RunStream(*stub_, messages);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  for (size_t i = 1; i < messages.size(); ++i) ASSERT_TRUE(stream->Write(messages[i]));
+  stream->WritesDone();
+  v1::CompressResponse response;
+  bool summary = false;
+  while (stream->Read(&response)) summary = response.has_summary();
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_TRUE(summary);
+  const auto start = std::chrono::steady_clock::now();
+  shutdown.join();
+  // Shutdown returns once the last stream is done, not at the deadline.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
 TEST(KvcServerStartTest, BusyAddressIsUnavailable) {
   ServerOptions first_options;
   first_options.address = "127.0.0.1:0";
