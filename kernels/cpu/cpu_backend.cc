@@ -1,5 +1,12 @@
 // The CPU reference backend: plain fp64 loops, parallel over (layer job, KV head) on a small
 // thread pool the backend owns. See kernels/backend.h for the contract.
+//
+// Each (job, head) task scores, selects and gathers its head on its own: with uniform head
+// budgets every head keeps the same count, so its output slot is known up front.
+// LayerResult::seconds holds, per stage, the time the layer's heads spent in it summed over
+// heads (thread time; equal to wall time with one thread). The attention-mass pass counts as
+// scoring. Thread-safe: concurrent CompressLayers calls share the pool, and each caller
+// works on its own tasks too, so none waits on another's.
 #include <algorithm>
 #include <chrono>
 #include <limits>

@@ -6,8 +6,17 @@
 namespace kvcompress::cpu {
 
 double ScaledLogit(const float* query, const float* key, int head_dim) {
-  double dot = 0;
-  for (int d = 0; d < head_dim; ++d) dot += static_cast<double>(query[d]) * key[d];
+  // Four independent fp64 partial sums: the same exact products, summed in a fixed order
+  // that does not wait on one long dependency chain.
+  double partial[4] = {0, 0, 0, 0};
+  int d = 0;
+  for (; d + 4 <= head_dim; d += 4) {
+    for (int lane = 0; lane < 4; ++lane) {
+      partial[lane] += static_cast<double>(query[d + lane]) * key[d + lane];
+    }
+  }
+  for (; d < head_dim; ++d) partial[0] += static_cast<double>(query[d]) * key[d];
+  const double dot = (partial[0] + partial[1]) + (partial[2] + partial[3]);
   return dot / std::sqrt(static_cast<double>(head_dim));
 }
 
