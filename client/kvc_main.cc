@@ -1,0 +1,633 @@
+// kvc: the kvcompress command-line tool.
+//
+//   kvc info     --server HOST:PORT
+//   kvc compress (--server HOST:PORT | --local) --input IN --output OUT --method NAME
+//                (--keep RATIO | --keep-tokens N) [method and output flags]
+//   kvc synth    --output FILE [--layers --kv-heads --query-heads --head-dim --tokens
+//                --window --dtype --seed]
+//
+// `--server` streams the cache through the SDK layer by layer; `--local` runs the same
+// engine in process (MethodSpecFromProto + CompressionPipeline on the CPU backend). Both
+// write the same tensors. Exit codes: 0 success, 1 failure (the status code name and
+// message are printed), 2 usage errors.
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/cache_file.h"
+#include "client/client.h"
+#include "client/method_flags.h"
+#include "client/progress_bar.h"
+#include "client/synthetic_cache.h"
+#include "kernels/backend.h"
+#include "kernels/compression_pipeline.h"
+#include "kernels/layer_result.h"
+#include "service/spec_conversion.h"
+
+namespace kvcompress {
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+// A failure of a subcommand: usage errors exit 2, others 1.
+struct CommandError {
+  absl::Status status;
+  bool usage = false;
+};
+
+int Report(const CommandError& error) {
+  if (error.usage) {
+    std::fprintf(stderr, "kvc: %s\n(run `kvc help` for usage)\n",
+                 std::string(error.status.message()).c_str());
+    return kExitUsage;
+  }
+  std::fprintf(stderr, "kvc: error: %s: %s\n",
+               absl::StatusCodeToString(error.status.code()).c_str(),
+               std::string(error.status.message()).c_str());
+  return kExitFailure;
+}
+
+std::string Bytes(uint64_t bytes) {
+  if (bytes < 1024) return absl::StrCat(bytes, " B");
+  if (bytes < (1u << 20)) return absl::StrFormat("%.1f KiB", bytes / 1024.0);
+  if (bytes < (1u << 30)) return absl::StrFormat("%.1f MiB", bytes / 1048576.0);
+  return absl::StrFormat("%.2f GiB", bytes / 1073741824.0);
+}
+
+std::string Mass(double mass) { return mass < 0 ? "-" : absl::StrFormat("%.4f", mass); }
+
+const std::vector<FlagSpec>& InfoFlags() {
+  static const std::vector<FlagSpec> flags = {
+      {"server", true, "HOST:PORT  the kvcd to ask"},
+      {"deadline", true, "SECONDS  (default 30)"},
+  };
+  return flags;
+}
+
+const std::vector<FlagSpec>& CompressFlags() {
+  static const std::vector<FlagSpec> flags = [] {
+    std::vector<FlagSpec> all = {
+        {"server", true, "HOST:PORT  compress through kvcd"},
+        {"local", false, "compress in this process (CPU reference engine)"},
+        {"input", true, "FILE  input cache (.safetensors)"},
+        {"output", true, "FILE  compressed cache to write (.safetensors)"},
+        {"padded", false, "write [H_kv, max_kept, D] instead of ragged [sum kept, D]"},
+        {"merged-counts", false, "also write per-row merged counts for drop reducers"},
+        {"threads", true, "N  --local: engine threads (default: all cores)"},
+        {"deadline", true, "SECONDS  --server: deadline of the whole call (default 300)"},
+    };
+    for (const FlagSpec& flag : MethodFlagSpecs()) all.push_back(flag);
+    return all;
+  }();
+  return flags;
+}
+
+const std::vector<FlagSpec>& SynthFlags() {
+  static const std::vector<FlagSpec> flags = {
+      {"output", true, "FILE  cache to write (.safetensors)"},
+      {"layers", true, "N  (default 32)"},
+      {"kv-heads", true, "N  (default 8)"},
+      {"query-heads", true, "N  (default 32)"},
+      {"head-dim", true, "N  (default 128)"},
+      {"tokens", true, "T  (default 4096)"},
+      {"window", true, "W  window queries stored per layer (default 64)"},
+      {"dtype", true, "bf16|fp16|fp32  (default bf16)"},
+      {"seed", true, "N  (default 0)"},
+      {"threads", true, "N  generator threads (default: all cores)"},
+  };
+  return flags;
+}
+
+void PrintUsage(FILE* out) {
+  std::fprintf(out,
+               "kvc: the kvcompress command-line tool\n\n"
+               "usage:\n"
+               "  kvc info --server HOST:PORT\n"
+               "  kvc compress (--server HOST:PORT | --local) --input IN.safetensors\n"
+               "      --output OUT.safetensors --method NAME (--keep RATIO | --keep-tokens N)"
+               " [flags]\n"
+               "  kvc synth --output FILE [flags]\n"
+               "  kvc help\n\n"
+               "flags are --name=value or --name value.\n");
+  auto section = [out](const char* title, const std::vector<FlagSpec>& flags) {
+    std::fprintf(out, "\n%s:\n", title);
+    for (const FlagSpec& flag : flags) {
+      std::fprintf(out, "  --%-22s %s\n", flag.name.c_str(), flag.help.c_str());
+    }
+  };
+  section("kvc info", InfoFlags());
+  section("kvc compress", CompressFlags());
+  section("kvc synth", SynthFlags());
+}
+
+absl::StatusOr<absl::Duration> DeadlineFlag(const ParsedFlags& flags, absl::Duration fallback) {
+  absl::StatusOr<std::optional<double>> seconds = flags.GetDouble("deadline", 1e-3, 1e7);
+  if (!seconds.ok()) return seconds.status();
+  return *seconds ? absl::Seconds(**seconds) : fallback;
+}
+
+// ---------------------------------------------------------------------------
+// kvc info
+
+std::optional<CommandError> RunInfo(const ParsedFlags& flags) {
+  const std::optional<std::string> server = flags.Get("server");
+  if (!server)
+    return CommandError{absl::InvalidArgumentError("kvc info: --server is required"), true};
+  absl::StatusOr<absl::Duration> deadline = DeadlineFlag(flags, absl::Seconds(30));
+  if (!deadline.ok()) return CommandError{deadline.status(), true};
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(*server);
+  if (!client.ok()) return CommandError{client.status()};
+  absl::StatusOr<v1::ServerInfo> info = (*client)->GetServerInfo(*deadline);
+  if (!info.ok()) return CommandError{info.status()};
+
+  std::vector<std::string> dtypes, layouts, transports;
+  for (int dtype : info->dtypes()) dtypes.push_back(v1::DType_Name(dtype));
+  for (int layout : info->layouts()) layouts.push_back(v1::Layout_Name(layout));
+  for (int transport : info->transports()) transports.push_back(v1::Transport_Name(transport));
+  std::printf("server          %s\n", server->c_str());
+  std::printf("version         %s\n", info->version().c_str());
+  std::printf("backend         %s\n", info->backend().c_str());
+  std::printf("worker threads  %u\n", info->worker_threads());
+  std::printf("dtypes          %s\n", absl::StrJoin(dtypes, ", ").c_str());
+  std::printf("layouts         %s\n", absl::StrJoin(layouts, ", ").c_str());
+  std::printf("transports      %s\n", absl::StrJoin(transports, ", ").c_str());
+  for (const v1::DeviceInfo& device : info->devices()) {
+    std::printf("device          %s (%s)\n", device.name().c_str(),
+                Bytes(device.memory_bytes()).c_str());
+  }
+  const v1::Limits& limits = info->limits();
+  std::printf(
+      "limits          request %s, %llu tokens/sequence, %u layers, %u sequences, "
+      "%u concurrent streams, chunk %s\n",
+      Bytes(limits.max_request_bytes()).c_str(),
+      static_cast<unsigned long long>(limits.max_tokens()), limits.max_layers(),
+      limits.max_sequences(), limits.max_concurrent_streams(),
+      Bytes(limits.max_chunk_bytes()).c_str());
+  std::printf("methods\n");
+  std::printf("  %-13s %-15s %-12s %s\n", "stage", "name", "implemented", "description");
+  for (const v1::MethodInfo& method : info->methods()) {
+    std::printf("  %-13s %-15s %-12s %s\n", method.stage().c_str(), method.name().c_str(),
+                method.implemented() ? "yes" : "no", method.description().c_str());
+    for (const v1::MethodParameter& parameter : method.parameters()) {
+      std::printf("      %s (%s, default %s): %s\n", parameter.name().c_str(),
+                  parameter.type().c_str(),
+                  parameter.default_value().empty() ? "-" : parameter.default_value().c_str(),
+                  parameter.description().c_str());
+    }
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------
+// kvc synth
+
+std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
+  const std::optional<std::string> output = flags.Get("output");
+  if (!output) {
+    return CommandError{absl::InvalidArgumentError("kvc synth: --output is required"), true};
+  }
+  SyntheticCacheOptions options;
+  struct IntFlag {
+    const char* name;
+    int* target;
+    uint32_t min;
+    uint32_t max;
+  };
+  int threads = 0;
+  int tokens = static_cast<int>(options.num_tokens);
+  for (const IntFlag& flag :
+       std::vector<IntFlag>{{"layers", &options.num_layers, 1, 1u << 16},
+                            {"kv-heads", &options.num_kv_heads, 1, 1u << 16},
+                            {"query-heads", &options.num_query_heads, 1, 1u << 16},
+                            {"head-dim", &options.head_dim, 2, 1u << 16},
+                            {"tokens", &tokens, 1, 1u << 30},
+                            {"window", &options.num_window_queries, 0, 1u << 30},
+                            {"threads", &threads, 1, 1024}}) {
+    absl::StatusOr<std::optional<uint32_t>> value = flags.GetUint(flag.name, flag.min, flag.max);
+    if (!value.ok()) return CommandError{value.status(), true};
+    if (*value) *flag.target = static_cast<int>(**value);
+  }
+  options.num_tokens = tokens;
+  options.num_threads = threads;
+  if (std::optional<std::string> seed = flags.Get("seed")) {
+    if (!absl::SimpleAtoi(*seed, &options.seed)) {
+      return CommandError{absl::InvalidArgumentError(
+                              absl::StrCat("--seed=", *seed, ": expected a non-negative integer")),
+                          true};
+    }
+  }
+  if (std::optional<std::string> dtype = flags.Get("dtype")) {
+    if (*dtype == "bf16" || *dtype == "bfloat16") {
+      options.dtype = DType::kBFloat16;
+    } else if (*dtype == "fp16" || *dtype == "float16" || *dtype == "f16") {
+      options.dtype = DType::kFloat16;
+    } else if (*dtype == "fp32" || *dtype == "float32" || *dtype == "f32") {
+      options.dtype = DType::kFloat32;
+    } else {
+      return CommandError{absl::InvalidArgumentError(
+                              absl::StrCat("--dtype=", *dtype, ": expected bf16, fp16 or fp32")),
+                          true};
+    }
+  }
+  // Keep the defaults' proportions for short caches.
+  options.num_sinks = static_cast<int>(std::min<int64_t>(
+      options.num_sinks, std::max<int64_t>(0, options.num_tokens - options.num_window_queries)));
+  options.salient_tokens_per_head = static_cast<int>(std::min<int64_t>(
+      options.salient_tokens_per_head,
+      std::max<int64_t>(0, options.num_tokens - options.num_window_queries - options.num_sinks)));
+  options.outlier_channel_pairs = std::min(options.outlier_channel_pairs, options.head_dim / 4);
+
+  const absl::Time start = absl::Now();
+  absl::StatusOr<SyntheticCache> cache = GenerateSyntheticCache(options);
+  if (!cache.ok()) return CommandError{cache.status(), true};
+  const absl::Time generated = absl::Now();
+  const std::map<std::string, std::string> metadata = {
+      {"generator", "kvc synth"},           {"model", "synthetic llama-like"},
+      {"seed", absl::StrCat(options.seed)}, {"rope_base", absl::StrCat(options.rope_base)},
+      {"rope_layout", "rotate_half"},
+  };
+  absl::Status status =
+      WriteCacheInput(*output, cache->geometry, cache->shape, cache->layers, metadata);
+  if (!status.ok()) return CommandError{status};
+  uint64_t bytes = 0;
+  for (const LayerInput& layer : cache->layers) {
+    bytes += layer.keys.size() + layer.values.size() + layer.queries.size();
+  }
+  std::printf(
+      "wrote %s: %d layers, %d KV heads, %d query heads, head_dim %d, %lld tokens, "
+      "window %d, %s, seed %llu\n",
+      output->c_str(), options.num_layers, options.num_kv_heads, options.num_query_heads,
+      options.head_dim, static_cast<long long>(options.num_tokens), options.num_window_queries,
+      std::string(DTypeName(options.dtype)).c_str(), static_cast<unsigned long long>(options.seed));
+  std::printf("%s of tensors; generated in %.2f s, written in %.2f s\n", Bytes(bytes).c_str(),
+              absl::ToDoubleSeconds(generated - start),
+              absl::ToDoubleSeconds(absl::Now() - generated));
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------
+// kvc compress
+
+// What both modes produce: per layer, the views to write and the numbers to print.
+struct CompressOutcome {
+  std::vector<CompressedLayerView> views;  // by layer
+  std::vector<uint64_t> bytes_out;         // by layer
+  std::string backend;
+  std::map<std::string, std::string> extra_metadata;
+  std::vector<std::string> timing_lines;
+};
+
+struct CompressJob {
+  const CacheFileView* input = nullptr;
+  v1::MethodSpec method;
+  v1::OutputSpec output;
+  std::string server;
+  absl::Duration deadline = absl::Seconds(300);
+  int threads = 0;
+};
+
+// Server mode: streams through the SDK. `results` owns the bytes the outcome views.
+absl::Status CompressThroughServer(const CompressJob& job,
+                                   std::vector<std::optional<CompressedLayer>>& results,
+                                   CompressOutcome& outcome) {
+  const CacheFileView& input = *job.input;
+  const CacheGeometry& geometry = input.geometry();
+  const int num_layers = geometry.num_layers;
+  ClientOptions client_options;
+  client_options.default_deadline = job.deadline;
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(job.server, client_options);
+  if (!client.ok()) return client.status();
+
+  v1::CompressHeader header;
+  v1::CacheGeometry* g = header.mutable_geometry();
+  g->set_num_layers(num_layers);
+  g->set_num_kv_heads(geometry.num_kv_heads);
+  g->set_num_query_heads(geometry.num_query_heads);
+  g->set_head_dim(geometry.head_dim);
+  g->set_dtype(DTypeToProto(geometry.dtype));
+  g->set_layout(LayoutToProto(geometry.layout));
+  v1::SequenceShape* shape = header.add_sequences();
+  shape->set_num_tokens(static_cast<uint32_t>(input.shape().num_tokens));
+  shape->set_num_window_queries(input.shape().num_window_queries);
+  shape->set_num_score_heads(input.shape().num_score_heads);
+  *header.mutable_method() = job.method;
+  *header.mutable_output() = job.output;
+  header.set_transport(v1::TRANSPORT_INLINE);
+
+  results.assign(num_layers, std::nullopt);
+  SessionOptions session_options;
+  // Each layer arrives once (the SDK checks), so the slots never collide.
+  session_options.on_layer = [&results](CompressedLayer layer) {
+    const uint32_t index = layer.layer;
+    results[index] = std::move(layer);
+  };
+  absl::StatusOr<std::unique_ptr<CompressSession>> session =
+      (*client)->StartCompress(header, std::move(session_options));
+  if (!session.ok()) return session.status();
+  CompressSession& stream = **session;
+
+  uint64_t total_in = 0;
+  for (int l = 0; l < num_layers; ++l) total_in += input.LayerBytes(l);
+  absl::StatusOr<v1::CompressSummary> summary;
+  {
+    ProgressBar progress(
+        [&] { return total_in == 0 ? 1.0 : double(stream.bytes_sent()) / double(total_in); },
+        [&] {
+          return absl::StrCat("sent ", Bytes(stream.bytes_sent()), " of ", Bytes(total_in), ", ",
+                              stream.layers_received(), "/", num_layers, " layers back");
+        });
+    for (int l = 0; l < num_layers; ++l) {
+      absl::Status status = stream.SendLayer(
+          0, l, LayerTensors{input.keys(l), input.values(l), input.queries(l), input.scores(l)});
+      if (!status.ok()) {
+        stream.Cancel();
+        return status;
+      }
+    }
+    summary = stream.Finish();
+  }
+  if (!summary.ok()) return summary.status();
+
+  outcome.backend = summary->backend();
+  outcome.extra_metadata["request_id"] = summary->request_id();
+  for (int l = 0; l < num_layers; ++l) {
+    const CompressedLayer& layer = *results[l];  // Finish succeeded: every layer arrived
+    CompressedLayerView view;
+    view.layer = l;
+    view.padded = layer.format == v1::OUTPUT_FORMAT_PADDED;
+    view.max_kept = static_cast<int>(layer.max_kept);
+    view.kept = layer.kept;
+    view.keys = layer.keys;
+    view.values = layer.values;
+    view.positions = layer.positions;
+    view.merged = layer.merged;
+    view.attention_mass_kept = layer.attention_mass_kept;
+    outcome.views.push_back(view);
+    outcome.bytes_out.push_back(layer.tensor_bytes());
+  }
+  const v1::StageTimings& t = summary->timings();
+  outcome.timing_lines.push_back(absl::StrFormat(
+      "server %s (request %s): receive %.3f s, queue %.3f s, score %.3f s, select %.3f s, "
+      "gather %.3f s, send %.3f s, total %.3f s%s",
+      summary->backend(), summary->request_id(), t.receive_seconds(), t.queue_seconds(),
+      t.score_seconds(), t.select_seconds(), t.gather_seconds(), t.send_seconds(),
+      t.total_seconds(),
+      t.deferred_layers() ? absl::StrCat(", ", t.deferred_layers(), " deferred layers") : ""));
+  outcome.timing_lines.push_back(absl::StrFormat(
+      "summary: tokens in %u, kept %u, bytes in %s, bytes out %s", summary->tokens_in(),
+      summary->tokens_kept(), Bytes(summary->bytes_in()), Bytes(summary->bytes_out())));
+  return absl::OkStatus();
+}
+
+// Merged counts for a drop reducer when they were asked for: every kept row stands for one
+// token, padding for none (what kvcd sends).
+void FillMergedCounts(LayerResult& result, PaddedLayerResult* padded) {
+  if (padded != nullptr) {
+    if (!padded->merged.empty()) return;
+    padded->merged.assign(padded->kept.size() * padded->max_kept, 0);
+    for (size_t h = 0; h < padded->kept.size(); ++h) {
+      std::fill_n(padded->merged.begin() + h * padded->max_kept, padded->kept[h], 1);
+    }
+    return;
+  }
+  if (result.merged.empty()) result.merged.assign(result.positions.size(), 1);
+}
+
+// Local mode: the same engine in process. `ragged` and `padded` own the bytes.
+absl::Status CompressLocally(const CompressJob& job, std::vector<LayerResult>& ragged,
+                             std::vector<PaddedLayerResult>& padded, CompressOutcome& outcome) {
+  const CacheFileView& input = *job.input;
+  const CacheGeometry& geometry = input.geometry();
+  const int num_layers = geometry.num_layers;
+  absl::StatusOr<MethodSpec> spec = MethodSpecFromProto(job.method);
+  if (!spec.ok()) return spec.status();
+  std::unique_ptr<Backend> backend = MakeCpuBackend(job.threads);
+  absl::StatusOr<std::unique_ptr<CompressionPipeline>> pipeline =
+      CompressionPipeline::Create(backend.get(), geometry, *spec, {input.shape()});
+  if (!pipeline.ok()) return pipeline.status();
+
+  const absl::Time start = absl::Now();
+  ragged.clear();
+  ragged.resize(num_layers);
+  std::vector<bool> have(num_layers, false);
+  std::atomic<int> layers_done{0};
+  {
+    ProgressBar progress(
+        [&] { return double(layers_done.load()) / num_layers; },
+        [&] { return absl::StrCat("layer ", layers_done.load(), "/", num_layers); });
+    for (int l = 0; l < num_layers; ++l) {
+      absl::StatusOr<std::vector<LayerResult>> done = (*pipeline)->AddLayer(input.CopyLayer(l));
+      if (!done.ok()) return done.status();
+      for (LayerResult& result : *done) {
+        if (result.layer < 0 || result.layer >= num_layers || have[result.layer]) {
+          return absl::InternalError(
+              absl::StrCat("engine returned layer ", result.layer, " twice or out of range"));
+        }
+        have[result.layer] = true;
+        ragged[result.layer] = std::move(result);
+      }
+      layers_done.store(l + 1);
+    }
+  }
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  for (int l = 0; l < num_layers; ++l) {
+    if (!have[l]) {
+      return absl::InternalError(absl::StrCat("engine never finalised layer ", l));
+    }
+  }
+
+  const bool use_padded = job.output.format() == v1::OUTPUT_FORMAT_PADDED;
+  const bool merged_counts = job.output.return_merged_counts();
+  StageSeconds stages;
+  padded.clear();
+  if (use_padded) padded.resize(num_layers);
+  for (int l = 0; l < num_layers; ++l) {
+    LayerResult& result = ragged[l];
+    stages.score += result.seconds.score;
+    stages.select += result.seconds.select;
+    stages.gather += result.seconds.gather;
+    if (use_padded) {
+      padded[l] = ToPadded(result, geometry);
+      if (merged_counts) FillMergedCounts(result, &padded[l]);
+      outcome.views.push_back(ViewOf(padded[l], l, result.attention_mass_kept));
+    } else {
+      if (merged_counts) FillMergedCounts(result, nullptr);
+      outcome.views.push_back(ViewOf(result));
+    }
+    const CompressedLayerView& view = outcome.views.back();
+    outcome.bytes_out.push_back(view.keys.size() + view.values.size() +
+                                (view.positions.size() + view.merged.size()) * sizeof(int32_t));
+  }
+  outcome.backend = std::string(backend->name());
+  outcome.timing_lines.push_back(absl::StrFormat(
+      "local %s: score %.3f s, select %.3f s, gather %.3f s (summed over layers), wall %.3f s",
+      outcome.backend, stages.score, stages.select, stages.gather, seconds));
+  return absl::OkStatus();
+}
+
+std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
+  auto usage = [](std::string message) {
+    return CommandError{absl::InvalidArgumentError(std::move(message)), true};
+  };
+  const bool local = flags.GetBool("local");
+  const std::optional<std::string> server = flags.Get("server");
+  if (local == server.has_value())
+    return usage("kvc compress: give exactly one of --server HOST:PORT and --local");
+  const std::optional<std::string> input_path = flags.Get("input");
+  const std::optional<std::string> output_path = flags.Get("output");
+  if (!input_path || !output_path) return usage("kvc compress: --input and --output are required");
+  if (local && flags.Has("deadline")) return usage("--deadline applies to --server only");
+  if (!local && flags.Has("threads")) return usage("--threads applies to --local only");
+
+  CompressJob job;
+  absl::StatusOr<v1::MethodSpec> method = MethodSpecFromFlags(flags);
+  if (!method.ok()) return CommandError{method.status(), true};
+  job.method = *method;
+  job.output.set_format(flags.GetBool("padded") ? v1::OUTPUT_FORMAT_PADDED
+                                                : v1::OUTPUT_FORMAT_RAGGED);
+  job.output.set_return_merged_counts(flags.GetBool("merged-counts"));
+  absl::StatusOr<absl::Duration> deadline = DeadlineFlag(flags, absl::Seconds(300));
+  if (!deadline.ok()) return CommandError{deadline.status(), true};
+  job.deadline = *deadline;
+  absl::StatusOr<std::optional<uint32_t>> threads = flags.GetUint("threads", 1, 1024);
+  if (!threads.ok()) return CommandError{threads.status(), true};
+  job.threads = *threads ? static_cast<int>(**threads) : 0;
+  if (server) job.server = *server;
+
+  absl::StatusOr<std::unique_ptr<CacheFileView>> input = CacheFileView::Open(*input_path);
+  if (!input.ok()) return CommandError{input.status()};
+  job.input = input->get();
+  const CacheGeometry& geometry = (*input)->geometry();
+  const SequenceShape& shape = (*input)->shape();
+  std::printf(
+      "input   %s: %d layers, %d KV heads, %d query heads, head_dim %d, %s, T=%lld, "
+      "W=%d%s\n",
+      input_path->c_str(), geometry.num_layers, geometry.num_kv_heads, geometry.num_query_heads,
+      geometry.head_dim, std::string(DTypeName(geometry.dtype)).c_str(),
+      static_cast<long long>(shape.num_tokens), shape.num_window_queries,
+      shape.num_score_heads ? absl::StrCat(", scores [", shape.num_score_heads, ", T]").c_str()
+                            : "");
+  std::printf("method  %s %s\n", MethodName(job.method).c_str(),
+              MethodSpecToJson(job.method).c_str());
+  std::printf("via     %s\n", local ? "local engine" : absl::StrCat("server ", *server).c_str());
+  std::fflush(stdout);
+
+  CompressOutcome outcome;
+  std::vector<std::optional<CompressedLayer>> server_results;
+  std::vector<LayerResult> ragged;
+  std::vector<PaddedLayerResult> padded;
+  absl::Status status = local ? CompressLocally(job, ragged, padded, outcome)
+                              : CompressThroughServer(job, server_results, outcome);
+  if (!status.ok()) return CommandError{status};
+
+  CompressedCacheInfo info;
+  info.method = MethodName(job.method);
+  info.parameters_json = MethodSpecToJson(job.method);
+  info.extra = outcome.extra_metadata;
+  info.extra["backend"] = outcome.backend;
+  info.extra["mode"] = local ? "local" : "server";
+  info.extra["source"] = *input_path;
+  if (auto model = (*input)->metadata().find("model"); model != (*input)->metadata().end()) {
+    info.extra["model"] = model->second;
+  }
+  status = WriteCompressedCache(*output_path, geometry, shape.num_tokens, outcome.views, info);
+  if (!status.ok()) return CommandError{status};
+
+  // The per-layer table.
+  std::printf("\n%5s %12s %10s %8s %12s %12s %10s\n", "layer", "tokens_in", "kept", "kept%",
+              "bytes_in", "bytes_out", "attn_mass");
+  const uint64_t tokens_per_layer = static_cast<uint64_t>(shape.num_tokens) * geometry.num_kv_heads;
+  uint64_t total_tokens = 0, total_kept = 0, total_in = 0, total_out = 0;
+  double mass_sum = 0;
+  int mass_count = 0;
+  for (size_t l = 0; l < outcome.views.size(); ++l) {
+    const CompressedLayerView& view = outcome.views[l];
+    uint64_t kept = 0;
+    for (int32_t count : view.kept) kept += static_cast<uint64_t>(count);
+    const uint64_t bytes_in = (*input)->LayerBytes(static_cast<int>(l));
+    std::printf("%5zu %12llu %10llu %7.2f%% %12s %12s %10s\n", l,
+                static_cast<unsigned long long>(tokens_per_layer),
+                static_cast<unsigned long long>(kept), 100.0 * kept / tokens_per_layer,
+                Bytes(bytes_in).c_str(), Bytes(outcome.bytes_out[l]).c_str(),
+                Mass(view.attention_mass_kept).c_str());
+    total_tokens += tokens_per_layer;
+    total_kept += kept;
+    total_in += bytes_in;
+    total_out += outcome.bytes_out[l];
+    if (view.attention_mass_kept >= 0) {
+      mass_sum += view.attention_mass_kept;
+      ++mass_count;
+    }
+  }
+  std::printf("%5s %12llu %10llu %7.2f%% %12s %12s %10s\n", "total",
+              static_cast<unsigned long long>(total_tokens),
+              static_cast<unsigned long long>(total_kept), 100.0 * total_kept / total_tokens,
+              Bytes(total_in).c_str(), Bytes(total_out).c_str(),
+              mass_count ? Mass(mass_sum / mass_count).c_str() : "-");
+  std::printf("\n");
+  for (const std::string& line : outcome.timing_lines) std::printf("%s\n", line.c_str());
+  std::printf("wrote   %s (%s)\n", output_path->c_str(),
+              flags.GetBool("padded") ? "padded" : "ragged");
+  return std::nullopt;
+}
+
+int Main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    PrintUsage(stderr);
+    return kExitUsage;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  if (command == "help" || command == "--help" || command == "-h") {
+    PrintUsage(stdout);
+    return 0;
+  }
+  const std::vector<FlagSpec>* known = nullptr;
+  std::optional<CommandError> (*run)(const ParsedFlags&) = nullptr;
+  if (command == "info") {
+    known = &InfoFlags();
+    run = RunInfo;
+  } else if (command == "compress") {
+    known = &CompressFlags();
+    run = RunCompress;
+  } else if (command == "synth") {
+    known = &SynthFlags();
+    run = RunSynth;
+  } else {
+    return Report({absl::InvalidArgumentError(absl::StrCat("unknown command \"", command,
+                                                           "\"; expected info, compress or synth")),
+                   true});
+  }
+  for (const std::string& arg : args) {
+    if (arg == "--help" || arg == "-h") {
+      PrintUsage(stdout);
+      return 0;
+    }
+  }
+  absl::StatusOr<ParsedFlags> flags = ParseFlags(args, *known, command);
+  if (!flags.ok()) return Report({flags.status(), true});
+  std::optional<CommandError> error = run(*flags);
+  std::fflush(stdout);
+  return error ? Report(*error) : 0;
+}
+
+}  // namespace
+}  // namespace kvcompress
+
+int main(int argc, char** argv) { return kvcompress::Main(argc, argv); }
