@@ -3,10 +3,12 @@
 # Safe to run repeatedly: does nothing when everything is present.
 set -euo pipefail
 
+# civetweb (the tool) is listed because civetweb's CMake package checks that its binary
+# exists, although kvcd only links the library.
 packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev nlohmann-json3-dev libcivetweb-dev
+  libabsl-dev nlohmann-json3-dev libcivetweb-dev civetweb
   libgtest-dev libgmock-dev libbenchmark-dev
   curl python3
 )
