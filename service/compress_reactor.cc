@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "service/spec_conversion.h"
 #include "service/status_conversion.h"
 
 namespace kvcompress {
@@ -70,7 +71,13 @@ void CompressReactor::OnReadDone(bool ok) {
   std::unique_ptr<ValidatedHeader> new_header;
   std::optional<AssembledLayer> completed;
   uint64_t chunk_bytes = 0;
+  std::string method_label;
   if (assembler_ == nullptr) {
+    // Label metrics by scorer even when the rest of the header is rejected.
+    if (request_.has_header()) {
+      absl::StatusOr<MethodSpec> spec = MethodSpecFromProto(request_.header().method());
+      if (spec.ok()) method_label = std::string(ScorerName(spec->scorer));
+    }
     absl::StatusOr<ValidatedHeader> validated =
         ValidateHeader(request_, environment_.limits, environment_.backend);
     if (validated.ok()) {
@@ -94,6 +101,7 @@ void CompressReactor::OnReadDone(bool ok) {
 
   absl::MutexLock lock(&mu_);
   read_in_flight_ = false;
+  if (!method_label.empty()) method_label_ = std::move(method_label);
   if (terminal_) {
     Continue();
     return;  // `completed` releases its buffers on the way out
@@ -105,7 +113,6 @@ void CompressReactor::OnReadDone(bool ok) {
   }
   if (new_header != nullptr) {
     header_time_ = Clock::now();
-    method_label_ = std::string(ScorerName(new_header->spec.scorer));
     header_ = std::move(new_header);
   }
   if (chunk_bytes > 0) {

@@ -588,6 +588,9 @@ TEST_F(KvcServerTest, MetricsEndpoint) {
   TestRequest bad = MakeRequest({{100, 0}}, 2, 2, 16, 1);
   bad.header.mutable_method()->clear_scorer();
   EXPECT_FALSE(RunStream(*stub_, bad.Messages()).status.ok());
+  bad.header.mutable_method()->mutable_scorer()->mutable_knorm();
+  bad.header.mutable_geometry()->set_head_dim(0);
+  EXPECT_FALSE(RunStream(*stub_, bad.Messages()).status.ok());
 
   const std::string response = HttpGet(server_->metrics_port(), "/metrics");
   EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n"));
@@ -597,10 +600,13 @@ TEST_F(KvcServerTest, MetricsEndpoint) {
   EXPECT_THAT(response,
               HasSubstr("kvcompress_requests_total{method=\"unknown\",code=\"INVALID_ARGUMENT\"} "
                         "1\n"));
+  EXPECT_THAT(response,
+              HasSubstr("kvcompress_requests_total{method=\"knorm\",code=\"INVALID_ARGUMENT\"} "
+                        "1\n"));
   EXPECT_THAT(response, HasSubstr("kvcompress_tokens_in_total 400\n"));
   EXPECT_THAT(response, HasSubstr("kvcompress_bytes_received_total 25600\n"));
   EXPECT_THAT(response,
-              HasSubstr("kvcompress_request_duration_seconds_count{method=\"knorm\"} 1\n"));
+              HasSubstr("kvcompress_request_duration_seconds_count{method=\"knorm\"} 2\n"));
   EXPECT_THAT(response,
               HasSubstr("# TYPE kvcompress_queue_depth gauge\nkvcompress_queue_depth 0\n"));
   EXPECT_THAT(response, HasSubstr("kvcompress_requests_in_flight 0\n"));
