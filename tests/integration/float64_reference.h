@@ -3,6 +3,7 @@
 #ifndef KVCOMPRESS_TESTS_INTEGRATION_FLOAT64_REFERENCE_H_
 #define KVCOMPRESS_TESTS_INTEGRATION_FLOAT64_REFERENCE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
