@@ -157,11 +157,9 @@ std::vector<MalformedCase> Cases() {
       {"stream_ends_before_last_layer",
        [] { return WithChunks([](auto& chunks) { chunks.pop_back(); }); },
        StatusCode::INVALID_ARGUMENT, {"sequence 0 layer 1"}},
-      {"unimplemented_scorer",
-       [] {
-         return WithHeader([](auto& h) { h.mutable_method()->mutable_scorer()->mutable_tova(); });
-       },
-       StatusCode::UNIMPLEMENTED, {"tova"}},
+      {"unavailable_cuda_ipc_transport",
+       [] { return WithHeader([](auto& h) { h.set_transport(v1::TRANSPORT_CUDA_IPC); }); },
+       StatusCode::UNIMPLEMENTED, {"cuda_ipc"}},
       {"unavailable_transport",
        [] { return WithHeader([](auto& h) { h.set_transport(v1::TRANSPORT_NCCL); }); },
        StatusCode::UNIMPLEMENTED, {"nccl"}},
