@@ -608,6 +608,7 @@ absl::StatusOr<CompressedCacheFile> ReadCompressedCache(const std::string& path)
         const size_t src_row = static_cast<size_t>(h * max_kept);
         const size_t dst_row = static_cast<size_t>(result.offsets[h]);
         const size_t count = static_cast<size_t>(result.kept[h]);
+        if (count == 0) continue;
         std::memcpy(result.keys.data() + dst_row * row_bytes, keys.data() + src_row * row_bytes,
                     count * row_bytes);
         std::memcpy(result.values.data() + dst_row * row_bytes, values.data() + src_row * row_bytes,
