@@ -1,8 +1,10 @@
 // Backend: the seam between the method pipeline and the hardware that runs the math.
 //
 // A backend compresses a batch of independent layer jobs whose token budgets are already
-// decided (layer budgets are the pipeline's business, see compression_pipeline.h). The CPU
-// backend is the reference oracle; the CUDA backend must give identical kept sets.
+// decided (layer budgets are the pipeline's business, see compression_pipeline.h); head
+// budgets (uniform, adaptive), selection and reducers (drop, merge_similar, merge_nearest)
+// run inside the backend. The CPU backend is the reference oracle; the CUDA backend must give
+// identical kept sets.
 //
 // Thread safety: CompressLayers may be called concurrently from several threads.
 #ifndef KVCOMPRESS_KERNELS_BACKEND_H_
@@ -31,6 +33,10 @@ struct LayerJob {
   // clamped to [1, T]. keep_all returns the layer whole (n ≥ T or a skipped layer).
   int64_t tokens_per_head = 0;
   bool keep_all = false;
+  // Optional: this layer's scores as ScoreLayers returned them for the same geometry and
+  // spec ([H_kv, T] fp32), so that a layer scored once for a cross-layer budget is not scored
+  // again. Null: the backend scores. The caller keeps them alive for the call.
+  const float* precomputed_scores = nullptr;
 };
 
 // Per-head importance scores of one layer: [H_kv, T] fp32, higher = more important;

@@ -262,14 +262,8 @@ absl::Status ValidateMethodSpec(const MethodSpec& spec, const CacheGeometry& geo
 }
 
 absl::Status CheckMethodImplemented(const MethodSpec& spec) {
-  switch (spec.scorer) {
-    case ScorerKind::kSnapKv:  // avg and max pooling, mean/max/sum group reductions
-    case ScorerKind::kKnorm:
-    case ScorerKind::kStreaming:
-      break;
-    default:
-      return NotImplemented("scorer", ScorerName(spec.scorer));
-  }
+  // Every scorer is implemented (snapkv with avg and max pooling and mean/max/sum group
+  // reductions; observed with every group reduction).
   if (spec.layer_budget != LayerBudgetKind::kUniform) {
     return NotImplemented("layer budget", LayerBudgetName(spec.layer_budget));
   }

@@ -154,11 +154,11 @@ TEST_F(CompressionPipelineTest, CreateValidatesGeometrySpecAndSequences) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("method.budget.keep_ratio: 1.5"), std::string::npos) << status;
 
-  MethodSpec tova = KnormSpec(0.5);
-  tova.scorer = ScorerKind::kTova;
-  status = create(geometry_, tova, {{10, 4, 0}});
-  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(status.message().find("\"tova\""), std::string::npos) << status;
+  MethodSpec observed = KnormSpec(0.5);
+  observed.scorer = ScorerKind::kObserved;
+  status = create(geometry_, observed, {{10, 0, 2}, {10, 0, 0}});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("sequences[1].num_score_heads: 0"), std::string::npos) << status;
 
   MethodSpec pyramid;
   pyramid.layer_budget = LayerBudgetKind::kPyramid;

@@ -9,6 +9,8 @@
 #include <random>
 #include <sstream>
 
+#include "kernels/backend.h"
+
 namespace kvcompress::testing {
 namespace {
 
@@ -66,10 +68,22 @@ LayerInput MakeRandomLayer(const CacheGeometry& geometry, int64_t num_tokens,
   return input;
 }
 
+void AddRandomScores(LayerInput& input, int num_score_heads, uint32_t seed) {
+  input.shape.num_score_heads = num_score_heads;
+  input.scores =
+      RandomNormals(static_cast<size_t>(num_score_heads) * input.shape.num_tokens, seed * 3 + 7);
+}
+
 double KeyAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
              int d) {
   const size_t index = ElementIndexHnd(geometry, input.shape.num_tokens, head, token) + d;
   return LoadAsFloat(input.keys.data(), geometry.dtype, index);
+}
+
+double ValueAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
+               int d) {
+  const size_t index = ElementIndexHnd(geometry, input.shape.num_tokens, head, token) + d;
+  return LoadAsFloat(input.values.data(), geometry.dtype, index);
 }
 
 double QueryAt(const CacheGeometry& geometry, const LayerInput& input, int query_head, int query,
@@ -191,6 +205,71 @@ std::vector<std::vector<double>> ReferenceSnapKv(const CacheGeometry& geometry,
   return scores;
 }
 
+std::vector<std::vector<double>> ReferenceObserved(const CacheGeometry& geometry,
+                                                   const ObservedOptions& options,
+                                                   const LayerInput& input) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  const int rows = input.shape.num_score_heads;
+  const int members = rows == geometry.num_kv_heads ? 1 : rows / geometry.num_kv_heads;
+  std::vector<std::vector<double>> scores(geometry.num_kv_heads, std::vector<double>(num_tokens));
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      std::vector<double> group;
+      for (int m = 0; m < members; ++m) {
+        group.push_back(input.scores[(head * members + m) * num_tokens + j]);
+      }
+      const double sum = std::accumulate(group.begin(), group.end(), 0.0);
+      scores[head][j] = options.group_reduction == GroupReduction::kMean ? sum / members
+                        : options.group_reduction == GroupReduction::kSum
+                            ? sum
+                            : *std::max_element(group.begin(), group.end());
+    }
+  }
+  return scores;
+}
+
+std::vector<std::vector<double>> ReferenceTova(const CacheGeometry& geometry,
+                                               const LayerInput& input) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  const auto attention = ReferenceWindowAttention(geometry, input, 1);  // the query at T − 1
+  std::vector<double> shared(num_tokens, kInf);
+  for (int64_t j = 0; j + 1 < num_tokens; ++j) {
+    double sum = 0;
+    for (int qh = 0; qh < geometry.num_query_heads; ++qh) sum += attention[qh][0][j];
+    shared[j] = sum / geometry.num_query_heads;
+  }
+  return std::vector<std::vector<double>>(geometry.num_kv_heads, shared);
+}
+
+std::vector<std::vector<double>> ReferenceKeyDiff(const CacheGeometry& geometry,
+                                                  const LayerInput& input) {
+  const int64_t num_tokens = input.shape.num_tokens;
+  const int dim = geometry.head_dim;
+  std::vector<std::vector<double>> scores(geometry.num_kv_heads, std::vector<double>(num_tokens));
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    std::vector<std::vector<double>> keys(num_tokens, std::vector<double>(dim));
+    std::vector<double> anchor(dim, 0.0);
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      double norm = 0;
+      for (int d = 0; d < dim; ++d) {
+        keys[j][d] = KeyAt(geometry, input, head, j, d);
+        norm += keys[j][d] * keys[j][d];
+      }
+      norm = std::sqrt(norm);
+      for (int d = 0; d < dim; ++d) anchor[d] += keys[j][d] / norm / num_tokens;
+    }
+    const double anchor_norm =
+        std::sqrt(std::inner_product(anchor.begin(), anchor.end(), anchor.begin(), 0.0));
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      const double dot = std::inner_product(keys[j].begin(), keys[j].end(), anchor.begin(), 0.0);
+      const double norm =
+          std::sqrt(std::inner_product(keys[j].begin(), keys[j].end(), keys[j].begin(), 0.0));
+      scores[head][j] = -dot / (norm * anchor_norm);
+    }
+  }
+  return scores;
+}
+
 }  // namespace
 
 std::vector<std::vector<double>> ReferenceScores(const CacheGeometry& geometry,
@@ -199,6 +278,12 @@ std::vector<std::vector<double>> ReferenceScores(const CacheGeometry& geometry,
   std::vector<std::vector<double>> scores;
   if (spec.scorer == ScorerKind::kSnapKv) {
     scores = ReferenceSnapKv(geometry, spec.snapkv, input);
+  } else if (spec.scorer == ScorerKind::kObserved) {
+    scores = ReferenceObserved(geometry, spec.observed, input);
+  } else if (spec.scorer == ScorerKind::kTova) {
+    scores = ReferenceTova(geometry, input);
+  } else if (spec.scorer == ScorerKind::kKeyDiff) {
+    scores = ReferenceKeyDiff(geometry, input);
   } else {
     scores.assign(geometry.num_kv_heads, std::vector<double>(num_tokens));
     for (int head = 0; head < geometry.num_kv_heads; ++head) {
@@ -288,9 +373,52 @@ double ReferenceAttentionMass(const CacheGeometry& geometry, const LayerInput& i
   return total / (static_cast<double>(geometry.num_query_heads) * num_queries);
 }
 
+absl::StatusOr<LayerResult> CompressLayer(const CacheGeometry& geometry, const MethodSpec& spec,
+                                          const LayerInput& input, int64_t tokens_per_head) {
+  LayerJob job;
+  job.sequence = input.sequence;
+  job.layer = input.layer;
+  job.input = input.view();
+  job.tokens_per_head = tokens_per_head;
+  job.keep_all = tokens_per_head >= input.shape.num_tokens;
+  LayerResult result;
+  const absl::Status status =
+      MakeCpuBackend(2)->CompressLayers(geometry, spec, {&job, 1}, {&result, 1});
+  if (!status.ok()) return status;
+  return result;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> ScoreLayer(const CacheGeometry& geometry,
+                                                           const MethodSpec& spec,
+                                                           const LayerInput& input) {
+  LayerJob job;
+  job.input = input.view();
+  job.tokens_per_head = 1;
+  LayerScores scores;
+  const absl::Status status =
+      MakeCpuBackend(2)->ScoreLayers(geometry, spec, {&job, 1}, {&scores, 1});
+  if (!status.ok()) return status;
+  const int64_t num_tokens = input.shape.num_tokens;
+  std::vector<std::vector<float>> rows(geometry.num_kv_heads);
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    rows[head].assign(scores.scores.begin() + head * num_tokens,
+                      scores.scores.begin() + (head + 1) * num_tokens);
+  }
+  return rows;
+}
+
 std::vector<int32_t> KeptOfHead(const LayerResult& result, int head) {
   return std::vector<int32_t>(result.positions.begin() + result.offsets[head],
                               result.positions.begin() + result.offsets[head + 1]);
+}
+
+std::vector<double> DecodeRow(const CacheGeometry& geometry, const std::vector<std::byte>& tensor,
+                              size_t row) {
+  std::vector<double> values(geometry.head_dim);
+  for (int d = 0; d < geometry.head_dim; ++d) {
+    values[d] = LoadAsFloat(tensor.data(), geometry.dtype, row * geometry.head_dim + d);
+  }
+  return values;
 }
 
 }  // namespace kvcompress::testing

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "kernels/cache_geometry.h"
 #include "kernels/layer_result.h"
 #include "kernels/method_spec.h"
@@ -27,9 +28,14 @@ std::vector<std::byte> Encode(std::span<const float> values, DType dtype);
 LayerInput MakeRandomLayer(const CacheGeometry& geometry, int64_t num_tokens,
                            int num_window_queries, uint32_t seed, int sequence = 0, int layer = 0);
 
+// Adds `num_score_heads` rows of random client scores ([num_score_heads, T] fp32) to `input`.
+void AddRandomScores(LayerInput& input, int num_score_heads, uint32_t seed);
+
 // Element d of key (head, token) / query (query_head, query) as fp64, indexed by hand.
 double KeyAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
              int d);
+double ValueAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
+               int d);
 double QueryAt(const CacheGeometry& geometry, const LayerInput& input, int query_head, int query,
                int d);
 // The bytes of row (head, token) of `tensor` (keys or values of `input`).
@@ -41,7 +47,10 @@ std::span<const std::byte> RowBytes(const CacheGeometry& geometry, const LayerIn
 std::vector<std::vector<std::vector<double>>> ReferenceWindowAttention(
     const CacheGeometry& geometry, const LayerInput& input, int num_queries);
 
-// Reference scores [H_kv][T] of snapkv, knorm or streaming, protected tokens at +inf.
+// Reference scores [H_kv][T] of every scorer, protected tokens at +inf: snapkv, knorm,
+// streaming; observed (client rows, group-reduced when per query head); tova (the last
+// query's full softmax averaged over all H_q heads, the last token +inf, the same row for
+// every head); keydiff (−cos with the mean unit key).
 std::vector<std::vector<double>> ReferenceScores(const CacheGeometry& geometry,
                                                  const MethodSpec& spec, const LayerInput& input);
 
@@ -64,8 +73,22 @@ KeptComparison CompareKept(const std::vector<double>& reference_scores, int64_t 
 double ReferenceAttentionMass(const CacheGeometry& geometry, const LayerInput& input,
                               int num_queries, const std::vector<std::vector<int32_t>>& kept);
 
+// Runs one layer through a fresh CPU backend (2 threads) with `tokens_per_head` (keep_all
+// when ≥ T).
+absl::StatusOr<LayerResult> CompressLayer(const CacheGeometry& geometry, const MethodSpec& spec,
+                                          const LayerInput& input, int64_t tokens_per_head);
+
+// The backend's scores of one layer, [H_kv][T].
+absl::StatusOr<std::vector<std::vector<float>>> ScoreLayer(const CacheGeometry& geometry,
+                                                           const MethodSpec& spec,
+                                                           const LayerInput& input);
+
 // The kept positions of head h of a result.
 std::vector<int32_t> KeptOfHead(const LayerResult& result, int head);
+
+// Row `row` of a result's keys or values (`tensor`) decoded to fp64.
+std::vector<double> DecodeRow(const CacheGeometry& geometry, const std::vector<std::byte>& tensor,
+                              size_t row);
 
 }  // namespace kvcompress::testing
 

@@ -26,27 +26,57 @@ void ConvertToFloat(const std::byte* source, DType dtype, size_t count, float* o
   }
 }
 
-HeadKeys LoadHeadKeys(const CacheGeometry& geometry, const LayerView& view, int kv_head) {
-  HeadKeys keys;
-  keys.num_tokens = view.shape.num_tokens;
-  keys.head_dim = geometry.head_dim;
-  keys.rows.resize(static_cast<size_t>(keys.num_tokens) * keys.head_dim);
+void ConvertFromFloat(const float* source, size_t count, DType dtype, std::byte* out) {
+  switch (dtype) {
+    case DType::kFloat32:
+      std::memcpy(out, source, count * sizeof(float));
+      return;
+    case DType::kBFloat16:
+    case DType::kFloat16:
+      for (size_t i = 0; i < count; ++i) {
+        const uint16_t bits =
+            dtype == DType::kBFloat16 ? FloatToBFloat16(source[i]) : FloatToFloat16(source[i]);
+        std::memcpy(out + 2 * i, &bits, 2);
+      }
+      return;
+  }
+}
+
+namespace {
+
+// Rows of head `kv_head` of one layer's K or V tensor.
+HeadRows LoadHeadRows(const CacheGeometry& geometry, const std::byte* tensor, int64_t num_tokens,
+                      int kv_head) {
+  HeadRows head;
+  head.num_tokens = num_tokens;
+  head.head_dim = geometry.head_dim;
+  head.rows.resize(static_cast<size_t>(head.num_tokens) * head.head_dim);
   const size_t element_size = DTypeSize(geometry.dtype);
   if (geometry.layout == Layout::kHND) {
     // The head's rows are contiguous.
-    const size_t first = KeyValueRowOffset(geometry.layout, geometry.num_kv_heads, keys.num_tokens,
-                                           keys.head_dim, kv_head, 0);
-    ConvertToFloat(view.keys + first * element_size, geometry.dtype, keys.rows.size(),
-                   keys.rows.data());
-    return keys;
+    const size_t first = KeyValueRowOffset(geometry.layout, geometry.num_kv_heads, head.num_tokens,
+                                           head.head_dim, kv_head, 0);
+    ConvertToFloat(tensor + first * element_size, geometry.dtype, head.rows.size(),
+                   head.rows.data());
+    return head;
   }
-  for (int64_t token = 0; token < keys.num_tokens; ++token) {
-    const size_t first = KeyValueRowOffset(geometry.layout, geometry.num_kv_heads, keys.num_tokens,
-                                           keys.head_dim, kv_head, token);
-    ConvertToFloat(view.keys + first * element_size, geometry.dtype, keys.head_dim,
-                   keys.rows.data() + token * keys.head_dim);
+  for (int64_t token = 0; token < head.num_tokens; ++token) {
+    const size_t first = KeyValueRowOffset(geometry.layout, geometry.num_kv_heads, head.num_tokens,
+                                           head.head_dim, kv_head, token);
+    ConvertToFloat(tensor + first * element_size, geometry.dtype, head.head_dim,
+                   head.rows.data() + token * head.head_dim);
   }
-  return keys;
+  return head;
+}
+
+}  // namespace
+
+HeadRows LoadHeadKeys(const CacheGeometry& geometry, const LayerView& view, int kv_head) {
+  return LoadHeadRows(geometry, view.keys, view.shape.num_tokens, kv_head);
+}
+
+HeadRows LoadHeadValues(const CacheGeometry& geometry, const LayerView& view, int kv_head) {
+  return LoadHeadRows(geometry, view.values, view.shape.num_tokens, kv_head);
 }
 
 GroupQueries LoadGroupQueries(const CacheGeometry& geometry, const LayerView& view, int kv_head,

@@ -14,14 +14,15 @@
 
 namespace kvcompress::cpu {
 
-// Keys of one KV head: [num_tokens, head_dim] fp32.
-struct HeadKeys {
+// Keys (or values) of one KV head: [num_tokens, head_dim] fp32.
+struct HeadRows {
   std::vector<float> rows;
   int64_t num_tokens = 0;
   int head_dim = 0;
 
   const float* row(int64_t token) const { return rows.data() + token * head_dim; }
 };
+using HeadKeys = HeadRows;
 
 // Window queries of the query heads that share one KV head: [group_size, num_queries,
 // head_dim] fp32. Query i sits at position num_tokens − num_queries + i.
@@ -39,7 +40,11 @@ struct GroupQueries {
 // Converts `count` elements of `dtype` at `source` to fp32.
 void ConvertToFloat(const std::byte* source, DType dtype, size_t count, float* out);
 
-HeadKeys LoadHeadKeys(const CacheGeometry& geometry, const LayerView& view, int kv_head);
+// Writes `count` fp32 values to `out` in `dtype` (round to nearest even for 16-bit types).
+void ConvertFromFloat(const float* source, size_t count, DType dtype, std::byte* out);
+
+HeadRows LoadHeadKeys(const CacheGeometry& geometry, const LayerView& view, int kv_head);
+HeadRows LoadHeadValues(const CacheGeometry& geometry, const LayerView& view, int kv_head);
 
 // The last `num_queries` (≤ view.shape.num_window_queries) queries of query heads
 // kv_head·G … kv_head·G + G − 1.
