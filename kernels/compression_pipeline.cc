@@ -1,9 +1,12 @@
 #include "kernels/compression_pipeline.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/budget_math.h"
+#include "kernels/snapkv_window.h"
 #include "kernels/status_macros.h"
 
 namespace kvcompress {
@@ -56,9 +59,26 @@ CompressionPipeline::CompressionPipeline(Backend* backend, const CacheGeometry& 
 }
 
 int64_t CompressionPipeline::LayerTokenBudget(int layer, int64_t num_tokens) const {
-  // Uniform layer budgets only in this build (CheckMethodImplemented guarantees it).
+  SequenceShape shape;
+  shape.num_tokens = num_tokens;
+  return LayerTokenBudget(layer, shape);
+}
+
+int64_t CompressionPipeline::LayerTokenBudget(int layer, const SequenceShape& shape) const {
+  const int64_t num_tokens = shape.num_tokens;
   if (IsSkippedLayer(spec_, layer)) return num_tokens;
-  return TokensToKeep(spec_.budget, num_tokens);
+  const int64_t uniform = TokensToKeep(spec_.budget, num_tokens);
+  if (spec_.layer_budget != LayerBudgetKind::kPyramid || uniform >= num_tokens) return uniform;
+  const int window = shape.num_window_queries > 0
+                         ? EffectiveWindowSize(spec_.snapkv.window_size, shape.num_window_queries)
+                         : spec_.snapkv.window_size;
+  // kvpress uses T·(1 − compression_ratio) unfloored; keep_tokens stands for it as given.
+  const double average_keep = spec_.budget.use_ratio
+                                  ? static_cast<double>(num_tokens) * spec_.budget.keep_ratio
+                                  : static_cast<double>(spec_.budget.keep_tokens);
+  const int64_t budget = PyramidTokenBudget(average_keep, num_tokens, window, layer,
+                                            geometry_.num_layers, spec_.pyramid.beta);
+  return std::clamp<int64_t>(budget, 1, num_tokens);
 }
 
 absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::AddLayer(LayerInput input) {
@@ -108,7 +128,7 @@ absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::AddLayer(LayerInpu
   job.sequence = input.sequence;
   job.layer = input.layer;
   job.input = input.view();
-  job.tokens_per_head = LayerTokenBudget(input.layer, num_tokens);
+  job.tokens_per_head = LayerTokenBudget(input.layer, declared);
   job.keep_all = IsSkippedLayer(spec_, input.layer) || job.tokens_per_head >= num_tokens;
 
   std::vector<LayerResult> results(1);

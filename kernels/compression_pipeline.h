@@ -39,7 +39,13 @@ class CompressionPipeline final {
   // may be added once. Returns the results that became final.
   absl::StatusOr<std::vector<LayerResult>> AddLayer(LayerInput input);
 
-  // Tokens each head of `layer` keeps for a sequence of `num_tokens` (before head budgets).
+  // Tokens each head of `layer` keeps for a sequence of `shape` (before head budgets), in
+  // [1, T]; T for a skipped layer. Uniform: n. Pyramid: PyramidTokenBudget with the window
+  // W = min(window_size, num_window_queries), or window_size when no queries are sent.
+  // Dynamic: the uniform n here; the final per-layer budgets are known only once all of a
+  // sequence's layers arrived (see AddLayer).
+  int64_t LayerTokenBudget(int layer, const SequenceShape& shape) const;
+  // The same for a sequence that sends no window queries.
   int64_t LayerTokenBudget(int layer, int64_t num_tokens) const;
 
   const CacheGeometry& geometry() const { return geometry_; }

@@ -14,7 +14,7 @@
 
 namespace kvcompress {
 
-// Wall time spent in each stage for one layer, in seconds.
+// Wall time spent in each stage for one layer, in seconds. Merging reducers count as gather.
 struct StageSeconds {
   double score = 0;
   double select = 0;
@@ -35,6 +35,9 @@ struct LayerResult {
   // layer had no window queries.
   double attention_mass_kept = -1.0;
   StageSeconds seconds;
+  // True when the result was returned by an AddLayer call for another layer: a cross-layer
+  // budget (dynamic) held this layer back until its sequence was complete.
+  bool deferred = false;
 
   int64_t total_kept() const { return offsets.empty() ? 0 : offsets.back(); }
 };

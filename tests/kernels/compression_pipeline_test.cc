@@ -14,6 +14,7 @@ using ::kvcompress::testing::KeptOfHead;
 using ::kvcompress::testing::MakeRandomLayer;
 using ::kvcompress::testing::ReferenceKept;
 using ::kvcompress::testing::ReferenceScores;
+namespace testing = ::kvcompress::testing;
 
 CacheGeometry SmallGeometry() {
   CacheGeometry geometry;
@@ -90,6 +91,56 @@ TEST_F(CompressionPipelineTest, SkippedLayersAndFullBudgetsKeepEverything) {
   EXPECT_EQ((*single)[0].kept, std::vector<int32_t>({1, 1}));
 }
 
+// PyramidKV through the pipeline: T = 1000, W = min(64, 16 sent) = 16, keep 0.5, L = 4:
+// C − W = 500, min 25, max 975 (< T − W = 984), steps 950/3 → 975, 658, 342, 25 (Σ = 4·500).
+TEST_F(CompressionPipelineTest, PyramidBudgetsShrinkWithDepthAndKeepTheReferenceSets) {
+  MethodSpec spec;
+  spec.layer_budget = LayerBudgetKind::kPyramid;
+  spec.budget.keep_ratio = 0.5;
+  const SequenceShape shape{1000, 16, 0};
+  auto pipeline = MakePipeline(spec, {shape});
+  ASSERT_NE(pipeline, nullptr);
+  const int64_t expected[] = {975, 658, 342, 25};
+  // Without window queries W = window_size = 64: max 975 ≥ T − W, so max = 936, min = 64,
+  // steps 872/3.
+  const int64_t without_queries[] = {936, 645, 355, 64};
+  for (int layer = 0; layer < 4; ++layer) {
+    EXPECT_EQ(pipeline->LayerTokenBudget(layer, shape), expected[layer]) << layer;
+    EXPECT_EQ(pipeline->LayerTokenBudget(layer, 1000), without_queries[layer]) << layer;
+  }
+  // keep 0.1 with W = 16: min = 100/20 = 5 < W, the uniform fallback for every layer.
+  MethodSpec small = spec;
+  small.budget.keep_ratio = 0.1;
+  auto fallback = MakePipeline(small, {shape});
+  ASSERT_NE(fallback, nullptr);
+  for (int layer = 0; layer < 4; ++layer) EXPECT_EQ(fallback->LayerTokenBudget(layer, shape), 100);
+  for (int layer = 0; layer < 4; ++layer) {
+    LayerInput input = MakeRandomLayer(geometry_, 1000, 16, 60 + layer, 0, layer);
+    const auto reference = ReferenceScores(geometry_, spec, input);
+    auto results = pipeline->AddLayer(std::move(input));
+    ASSERT_TRUE(results.ok()) << results.status();
+    ASSERT_EQ(results->size(), 1u);
+    const LayerResult& result = (*results)[0];
+    EXPECT_FALSE(result.deferred);
+    for (int head = 0; head < 2; ++head) {
+      const auto comparison =
+          testing::CompareKept(reference[head], expected[layer], KeptOfHead(result, head));
+      EXPECT_TRUE(comparison.ok) << "layer " << layer << " head " << head << ": "
+                                 << comparison.failure;
+    }
+  }
+
+  // A skipped layer stays whole; keep_tokens stands for T·keep.
+  spec.skip_layers = {2};
+  spec.budget.use_ratio = false;
+  spec.budget.keep_tokens = 500;
+  pipeline = MakePipeline(spec, {shape});
+  ASSERT_NE(pipeline, nullptr);
+  EXPECT_EQ(pipeline->LayerTokenBudget(1, shape), 658);
+  EXPECT_EQ(pipeline->LayerTokenBudget(2, shape), 1000);
+  EXPECT_EQ(pipeline->LayerTokenBudget(3, shape), 25);
+}
+
 TEST_F(CompressionPipelineTest, RejectsBadIndicesShapesSizesAndDuplicates) {
   auto pipeline = MakePipeline(KnormSpec(0.5), {{100, 4, 0}});
   ASSERT_NE(pipeline, nullptr);
@@ -159,14 +210,6 @@ TEST_F(CompressionPipelineTest, CreateValidatesGeometrySpecAndSequences) {
   status = create(geometry_, observed, {{10, 0, 2}, {10, 0, 0}});
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("sequences[1].num_score_heads: 0"), std::string::npos) << status;
-
-  MethodSpec pyramid;
-  pyramid.layer_budget = LayerBudgetKind::kPyramid;
-  status = create(geometry_, pyramid, {{10, 4, 0}});
-  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(status.message().find("layer budget \"pyramid\" is not implemented yet"),
-            std::string::npos)
-      << status;
 
   MethodSpec snapkv;  // the default scorer needs window queries
   status = create(geometry_, snapkv, {{10, 4, 0}, {10, 0, 0}});
