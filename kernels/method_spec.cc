@@ -267,9 +267,6 @@ absl::Status CheckMethodImplemented(const MethodSpec& spec) {
   if (spec.layer_budget == LayerBudgetKind::kDynamic) {
     return NotImplemented("layer budget", LayerBudgetName(spec.layer_budget));
   }
-  if (spec.head_budget != HeadBudgetKind::kUniform) {
-    return NotImplemented("head budget", HeadBudgetName(spec.head_budget));
-  }
   if (spec.reducer != ReducerKind::kDrop) {
     return NotImplemented("reducer", ReducerName(spec.reducer));
   }
