@@ -211,8 +211,8 @@ class CompressSession final {
   absl::Status protocol_error_ ABSL_GUARDED_BY(mu_);
   absl::Status grpc_status_ ABSL_GUARDED_BY(mu_);
   std::optional<v1::CompressSummary> summary_ ABSL_GUARDED_BY(mu_);
-  bool joined_ = false;  // only touched by WaitForEnd under join_mu_
-  absl::Mutex join_mu_;
+  absl::Mutex join_mu_;  // serialises joining the reader thread
+  bool joined_ ABSL_GUARDED_BY(join_mu_) = false;
 
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<uint64_t> bytes_received_{0};
