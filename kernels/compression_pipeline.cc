@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/budget_math.h"
+#include "kernels/internal/dynamic_budget.h"
 #include "kernels/snapkv_window.h"
 #include "kernels/status_macros.h"
 
@@ -28,6 +29,23 @@ absl::Status CheckBytes(absl::string_view where, absl::string_view what, size_t 
   if (got == expected_bytes) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat(where, " ", what, ": expected ", elements, " (",
                                                  expected_bytes, " bytes), got ", got, " bytes"));
+}
+
+MethodSpec AllocationSpec(const MethodSpec& spec) {
+  MethodSpec allocation = spec;
+  allocation.scorer = ScorerKind::kSnapKv;
+  return allocation;
+}
+
+int CountParticipatingLayers(const MethodSpec& spec, int num_layers) {
+  int count = 0;
+  for (int layer = 0; layer < num_layers; ++layer) count += IsSkippedLayer(spec, layer) ? 0 : 1;
+  return count;
+}
+
+// W of the dynamic allocation: snapkv's effective window.
+int DynamicWindow(const MethodSpec& spec, const SequenceShape& shape) {
+  return EffectiveWindowSize(spec.snapkv.window_size, shape.num_window_queries);
 }
 
 }  // namespace
@@ -54,8 +72,25 @@ absl::StatusOr<std::unique_ptr<CompressionPipeline>> CompressionPipeline::Create
 CompressionPipeline::CompressionPipeline(Backend* backend, const CacheGeometry& geometry,
                                          const MethodSpec& spec,
                                          std::vector<SequenceShape> sequences)
-    : backend_(backend), geometry_(geometry), spec_(spec), sequences_(std::move(sequences)) {
+    : backend_(backend),
+      geometry_(geometry),
+      spec_(spec),
+      sequences_(std::move(sequences)),
+      allocation_spec_(AllocationSpec(spec)),
+      num_participating_layers_(CountParticipatingLayers(spec, geometry.num_layers)) {
   added_.assign(sequences_.size(), std::vector<bool>(geometry_.num_layers, false));
+  held_.resize(sequences_.size());
+  for (auto& layers : held_) layers.resize(geometry_.num_layers);
+  num_held_.assign(sequences_.size(), 0);
+}
+
+bool CompressionPipeline::HoldsLayers(int sequence, int layer) const {
+  if (spec_.layer_budget != LayerBudgetKind::kDynamic || IsSkippedLayer(spec_, layer)) {
+    return false;
+  }
+  const SequenceShape& shape = sequences_[sequence];
+  const int64_t uniform = TokensToKeep(spec_.budget, shape.num_tokens);
+  return uniform < shape.num_tokens && uniform > DynamicWindow(spec_, shape);
 }
 
 int64_t CompressionPipeline::LayerTokenBudget(int layer, int64_t num_tokens) const {
@@ -124,21 +159,107 @@ absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::AddLayer(LayerInpu
     added = true;
   }
 
+  if (HoldsLayers(input.sequence, input.layer)) return HoldOrFinish(std::move(input));
+
   LayerJob job;
   job.sequence = input.sequence;
   job.layer = input.layer;
   job.input = input.view();
   job.tokens_per_head = LayerTokenBudget(input.layer, declared);
   job.keep_all = IsSkippedLayer(spec_, input.layer) || job.tokens_per_head >= num_tokens;
-
-  std::vector<LayerResult> results(1);
-  const absl::Status status =
-      backend_->CompressLayers(geometry_, spec_, std::span<const LayerJob>(&job, 1), results);
-  if (!status.ok()) {
+  absl::StatusOr<std::vector<LayerResult>> results = Compress({job}, input.layer);
+  if (!results.ok()) {
     // The layer was not consumed; let the caller retry it.
     absl::MutexLock lock(&mu_);
     added_[input.sequence][input.layer] = false;
-    return status;
+  }
+  return results;
+}
+
+absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::Compress(std::vector<LayerJob> jobs,
+                                                                       int current_layer) {
+  std::vector<LayerResult> results(jobs.size());
+  KVC_RETURN_IF_ERROR(backend_->CompressLayers(geometry_, spec_, jobs, results));
+  for (LayerResult& result : results) result.deferred = result.layer != current_layer;
+  return results;
+}
+
+absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::HoldOrFinish(LayerInput input) {
+  const int sequence = input.sequence;
+  const int layer = input.layer;
+  const SequenceShape& shape = sequences_[sequence];
+  const int64_t num_tokens = shape.num_tokens;
+  const auto release = [&] {
+    absl::MutexLock lock(&mu_);
+    added_[sequence][layer] = false;
+  };
+
+  auto held = std::make_unique<HeldLayer>();
+  {
+    LayerJob job;
+    job.sequence = sequence;
+    job.layer = layer;
+    job.input = input.view();
+    job.tokens_per_head = num_tokens;
+    LayerScores scores;
+    const absl::Status status = backend_->ScoreLayers(
+        geometry_, allocation_spec_, std::span<const LayerJob>(&job, 1), {&scores, 1});
+    if (!status.ok()) {
+      release();
+      return status;
+    }
+    held->scores = std::move(scores.scores);
+  }
+  held->input = std::move(input);
+
+  std::vector<std::unique_ptr<HeldLayer>> complete;
+  {
+    absl::MutexLock lock(&mu_);
+    held_[sequence][layer] = std::move(held);
+    if (++num_held_[sequence] < num_participating_layers_) return std::vector<LayerResult>{};
+    complete = std::move(held_[sequence]);
+    held_[sequence].clear();
+    held_[sequence].resize(geometry_.num_layers);
+    num_held_[sequence] = 0;
+  }
+
+  // The sequence is complete: allocate, then compress all of its layers in one batch.
+  const int window = DynamicWindow(spec_, shape);
+  internal::DynamicBudgetInput allocation;
+  allocation.base = TokensToKeep(spec_.budget, num_tokens) - window;
+  allocation.prefix_length = num_tokens - window;
+  allocation.num_heads = geometry_.num_kv_heads;
+  allocation.r_max = spec_.dynamic.r_max;
+  allocation.update_interval = spec_.dynamic.update_interval;
+  allocation.row_stride = num_tokens;
+  std::vector<LayerJob> jobs;
+  for (int l = 0; l < geometry_.num_layers; ++l) {
+    if (complete[l] == nullptr) continue;
+    allocation.layer_scores.push_back(complete[l]->scores.data());
+    LayerJob job;
+    job.sequence = sequence;
+    job.layer = l;
+    job.input = complete[l]->input.view();
+    // Scores from the allocation are the scorer's own when the scorer is snapkv.
+    if (spec_.scorer == ScorerKind::kSnapKv) job.precomputed_scores = complete[l]->scores.data();
+    jobs.push_back(job);
+  }
+  const std::vector<int64_t> budgets = internal::DynamicPrefixBudgets(allocation);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    jobs[i].tokens_per_head = std::clamp<int64_t>(budgets[i] + window, 1, num_tokens);
+    jobs[i].keep_all = jobs[i].tokens_per_head >= num_tokens;
+  }
+  absl::StatusOr<std::vector<LayerResult>> results = Compress(std::move(jobs), layer);
+  if (!results.ok()) {
+    // Put the sequence back as it was before this call; this layer may be added again.
+    absl::MutexLock lock(&mu_);
+    added_[sequence][layer] = false;
+    complete[layer].reset();
+    for (int l = 0; l < geometry_.num_layers; ++l) {
+      if (complete[l] == nullptr) continue;
+      held_[sequence][l] = std::move(complete[l]);
+      ++num_held_[sequence];
+    }
   }
   return results;
 }

@@ -6,7 +6,17 @@
 // and pyramid budgets: the layer just added; for cross-layer policies possibly none, then
 // several at once).
 //
-// Thread safety: AddLayer may be called concurrently. The backend must outlive the pipeline.
+// Dynamic (DynamicKV) budgets need every layer of a sequence before any of its layers is
+// final: AddLayer scores the layer (Backend::ScoreLayers, snapkv scores), keeps the input
+// and returns nothing, until the sequence's last non-skipped layer arrives; that call
+// decides the budgets (kernels/internal/dynamic_budget.h), compresses all of the
+// sequence's held layers in one backend batch and returns them, `deferred` set on all but
+// its own. The pipeline then holds a sequence's inputs (K, V, queries, scores) until it is
+// complete. Skipped layers and sequences whose budget leaves nothing to allocate (n ≥ T, or
+// n ≤ W: uniform n) are compressed at once.
+//
+// Thread safety: AddLayer may be called concurrently; scoring and compression run outside
+// the lock. The backend must outlive the pipeline.
 #ifndef KVCOMPRESS_KERNELS_COMPRESSION_PIPELINE_H_
 #define KVCOMPRESS_KERNELS_COMPRESSION_PIPELINE_H_
 
@@ -36,7 +46,9 @@ class CompressionPipeline final {
 
   // Compresses one complete layer of one sequence. The input's shape must match the
   // sequence declared at creation (INVALID_ARGUMENT otherwise) and each (sequence, layer)
-  // may be added once. Returns the results that became final.
+  // may be added once. Returns the results that became final (possibly none). On a backend
+  // error nothing is consumed: the layer may be added again, and the layers held for its
+  // sequence stay held.
   absl::StatusOr<std::vector<LayerResult>> AddLayer(LayerInput input);
 
   // Tokens each head of `layer` keeps for a sequence of `shape` (before head budgets), in
@@ -53,17 +65,39 @@ class CompressionPipeline final {
   const std::vector<SequenceShape>& sequences() const { return sequences_; }
 
  private:
+  // A layer a cross-layer budget holds back until its sequence is complete.
+  struct HeldLayer {
+    LayerInput input;
+    std::vector<float> scores;  // [H_kv, T] from Backend::ScoreLayers with allocation_spec_
+  };
+
   CompressionPipeline(Backend* backend, const CacheGeometry& geometry, const MethodSpec& spec,
                       std::vector<SequenceShape> sequences);
+
+  // Compresses layers whose budgets are decided; marks results deferred but `current`.
+  absl::StatusOr<std::vector<LayerResult>> Compress(std::vector<LayerJob> jobs, int current_layer);
+
+  // Whether layers of `sequence` wait for the dynamic allocation.
+  bool HoldsLayers(int sequence, int layer) const;
+
+  // Holds the layer (dynamic budgets); once the sequence is complete, compresses all of it.
+  absl::StatusOr<std::vector<LayerResult>> HoldOrFinish(LayerInput input);
 
   Backend* const backend_;
   const CacheGeometry geometry_;
   const MethodSpec spec_;
   const std::vector<SequenceShape> sequences_;
 
+  // The spec whose scores allocate dynamic budgets: spec_ with the snapkv scorer.
+  const MethodSpec allocation_spec_;
+  const int num_participating_layers_;  // layers not in skip_layers
+
   absl::Mutex mu_;
   // [sequence][layer]: whether that layer was added.
   std::vector<std::vector<bool>> added_ ABSL_GUARDED_BY(mu_);
+  // [sequence][layer]: layers held for the dynamic allocation, and their count per sequence.
+  std::vector<std::vector<std::unique_ptr<HeldLayer>>> held_ ABSL_GUARDED_BY(mu_);
+  std::vector<int> num_held_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kvcompress

@@ -264,9 +264,6 @@ absl::Status ValidateMethodSpec(const MethodSpec& spec, const CacheGeometry& geo
 absl::Status CheckMethodImplemented(const MethodSpec& spec) {
   // Every scorer is implemented (snapkv with avg and max pooling and mean/max/sum group
   // reductions; observed with every group reduction).
-  if (spec.layer_budget == LayerBudgetKind::kDynamic) {
-    return NotImplemented("layer budget", LayerBudgetName(spec.layer_budget));
-  }
   if (spec.reducer != ReducerKind::kDrop) {
     return NotImplemented("reducer", ReducerName(spec.reducer));
   }

@@ -1,9 +1,14 @@
 #include "kernels/compression_pipeline.h"
 
+#include <algorithm>
+#include <atomic>
 #include <memory>
+#include <set>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "gtest/gtest.h"
 #include "tests/kernels/test_layers.h"
 
@@ -139,6 +144,249 @@ TEST_F(CompressionPipelineTest, PyramidBudgetsShrinkWithDepthAndKeepTheReference
   EXPECT_EQ(pipeline->LayerTokenBudget(1, shape), 658);
   EXPECT_EQ(pipeline->LayerTokenBudget(2, shape), 1000);
   EXPECT_EQ(pipeline->LayerTokenBudget(3, shape), 25);
+}
+
+// A backend that fails the next CompressLayers call when asked to, else the CPU backend.
+class FlakyBackend final : public Backend {
+ public:
+  std::string_view name() const override { return "flaky"; }
+  absl::Status CompressLayers(const CacheGeometry& geometry, const MethodSpec& spec,
+                              std::span<const LayerJob> jobs,
+                              std::span<LayerResult> results) override {
+    if (fail_next_.exchange(false)) return absl::InternalError("injected failure");
+    return cpu_->CompressLayers(geometry, spec, jobs, results);
+  }
+  absl::Status ScoreLayers(const CacheGeometry& geometry, const MethodSpec& spec,
+                           std::span<const LayerJob> jobs, std::span<LayerScores> scores) override {
+    return cpu_->ScoreLayers(geometry, spec, jobs, scores);
+  }
+  void FailNext() { fail_next_ = true; }
+
+ private:
+  std::unique_ptr<Backend> cpu_ = MakeCpuBackend(2);
+  std::atomic<bool> fail_next_{false};
+};
+
+// DynamicKV fixture data: T = 301 tokens, 8 window queries (W = 8), keep 0.2 → n = 60,
+// base = 52, P = 293; updates every 2 layers of 4. Layers differ in key scale so that the
+// allocation moves budget between them.
+constexpr int64_t kDynamicTokens = 301;
+constexpr int kDynamicWindow = 8;
+constexpr int64_t kDynamicBase = 60 - kDynamicWindow;
+
+MethodSpec DynamicSpec() {
+  MethodSpec spec;
+  spec.snapkv.window_size = kDynamicWindow;
+  spec.budget.keep_ratio = 0.2;
+  spec.layer_budget = LayerBudgetKind::kDynamic;
+  spec.dynamic.update_interval = 2;
+  return spec;
+}
+
+LayerInput DynamicLayer(const CacheGeometry& geometry, int sequence, int layer,
+                        int64_t tokens = kDynamicTokens) {
+  LayerInput input = MakeRandomLayer(geometry, tokens, kDynamicWindow, 300 + 10 * sequence + layer,
+                                     sequence, layer);
+  // Sharper attention in deeper layers: scale the queries of layer l by 1 + l/2.
+  std::vector<float> queries(input.queries.size() / 2);
+  for (size_t i = 0; i < queries.size(); ++i) {
+    queries[i] = LoadAsFloat(input.queries.data(), geometry.dtype, i) * (1.0f + 0.5f * layer);
+  }
+  input.queries = testing::Encode(queries, geometry.dtype);
+  return input;
+}
+
+// The reference budgets of a sequence's layers (in layer order) from the backend's own snapkv
+// scores, so that only the allocation is under test.
+std::vector<int64_t> ReferenceDynamic(const CacheGeometry& geometry, const MethodSpec& spec,
+                                      const std::vector<const LayerInput*>& layers) {
+  MethodSpec snapkv = spec;
+  snapkv.scorer = ScorerKind::kSnapKv;
+  testing::DynamicLayerScores scores;
+  for (const LayerInput* input : layers) {
+    auto rows = testing::ScoreLayer(geometry, snapkv, *input);
+    EXPECT_TRUE(rows.ok()) << rows.status();
+    for (auto& row : *rows) row.resize(input->shape.num_tokens - kDynamicWindow);
+    scores.push_back(*rows);
+  }
+  return testing::ReferenceDynamicBudgets(scores, kDynamicBase, spec.dynamic.r_max,
+                                          spec.dynamic.update_interval);
+}
+
+TEST_F(CompressionPipelineTest, DynamicHoldsLayersUntilTheSequenceIsComplete) {
+  const MethodSpec spec = DynamicSpec();
+  auto pipeline = MakePipeline(spec, {{kDynamicTokens, kDynamicWindow, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  std::vector<LayerInput> inputs;
+  for (int layer = 0; layer < 4; ++layer) inputs.push_back(DynamicLayer(geometry_, 0, layer));
+  std::vector<const LayerInput*> views;
+  for (const LayerInput& input : inputs) views.push_back(&input);
+  const std::vector<int64_t> budgets = ReferenceDynamic(geometry_, spec, views);
+  std::vector<std::vector<std::vector<double>>> reference;
+  for (const LayerInput& input : inputs)
+    reference.push_back(ReferenceScores(geometry_, spec, input));
+
+  // Out of order: nothing is final until the last layer arrives.
+  for (int layer : {2, 0, 3}) {
+    auto results = pipeline->AddLayer(DynamicLayer(geometry_, 0, layer));
+    ASSERT_TRUE(results.ok()) << results.status();
+    EXPECT_TRUE(results->empty()) << "layer " << layer;
+  }
+  auto results = pipeline->AddLayer(DynamicLayer(geometry_, 0, 1));
+  ASSERT_TRUE(results.ok()) << results.status();
+  ASSERT_EQ(results->size(), 4u);
+
+  int64_t total = 0;
+  std::set<int64_t> distinct;
+  for (const LayerResult& result : *results) {
+    const int layer = result.layer;
+    EXPECT_EQ(result.deferred, layer != 1) << "layer " << layer;
+    const int64_t n = budgets[layer] + kDynamicWindow;
+    EXPECT_EQ(result.kept, std::vector<int32_t>(2, static_cast<int32_t>(n))) << "layer " << layer;
+    for (int head = 0; head < 2; ++head) {
+      const auto comparison =
+          testing::CompareKept(reference[layer][head], n, KeptOfHead(result, head));
+      EXPECT_TRUE(comparison.ok) << "layer " << layer << " head " << head << ": "
+                                 << comparison.failure;
+      // The window survives every cut.
+      const std::vector<int32_t> kept = KeptOfHead(result, head);
+      EXPECT_EQ(kept[n - kDynamicWindow], kDynamicTokens - kDynamicWindow);
+    }
+    total += budgets[layer];
+    distinct.insert(budgets[layer]);
+  }
+  EXPECT_GT(distinct.size(), 2u) << "per-layer budgets should differ";
+  EXPECT_EQ(total, 4 * kDynamicBase) << "Σ budget_l = L · (n − W)";
+}
+
+TEST_F(CompressionPipelineTest, DynamicComposesWithAdaptiveHeadBudgets) {
+  MethodSpec uniform = DynamicSpec();
+  MethodSpec adaptive = uniform;
+  adaptive.head_budget = HeadBudgetKind::kAdaptive;
+  auto pipeline = MakePipeline(adaptive, {{kDynamicTokens, kDynamicWindow, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  std::vector<LayerInput> inputs;
+  for (int layer = 0; layer < 4; ++layer) inputs.push_back(DynamicLayer(geometry_, 0, layer));
+  std::vector<const LayerInput*> views;
+  for (const LayerInput& input : inputs) views.push_back(&input);
+  const std::vector<int64_t> budgets = ReferenceDynamic(geometry_, uniform, views);
+
+  std::vector<LayerResult> results;
+  for (int layer = 0; layer < 4; ++layer) {
+    auto added = pipeline->AddLayer(DynamicLayer(geometry_, 0, layer));
+    ASSERT_TRUE(added.ok()) << added.status();
+    for (LayerResult& result : *added) results.push_back(std::move(result));
+  }
+  ASSERT_EQ(results.size(), 4u);
+  bool some_heads_differ = false;
+  for (const LayerResult& result : results) {
+    const int64_t n = budgets[result.layer] + kDynamicWindow;
+    EXPECT_EQ(result.total_kept(), 2 * n) << "layer " << result.layer;
+    some_heads_differ = some_heads_differ || result.kept[0] != result.kept[1];
+    const int64_t safe = std::max<int64_t>(1, static_cast<int64_t>(n * 0.2));
+    for (int head = 0; head < 2; ++head) {
+      EXPECT_GE(result.kept[head], safe);
+      const std::vector<int32_t> kept = KeptOfHead(result, head);
+      if (n >= kDynamicWindow) {
+        EXPECT_TRUE(std::binary_search(kept.begin(), kept.end(), kDynamicTokens - 1));
+      }
+    }
+  }
+  EXPECT_TRUE(some_heads_differ);
+}
+
+TEST_F(CompressionPipelineTest, DynamicSkippedLayersShortBudgetsAndSequencesAreIndependent) {
+  MethodSpec spec = DynamicSpec();
+  spec.skip_layers = {0};
+  // Sequence 1: T = 30, n = 6 ≤ W = 8, nothing to allocate: uniform, at once.
+  auto pipeline =
+      MakePipeline(spec, {{kDynamicTokens, kDynamicWindow, 0}, {30, kDynamicWindow, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  auto skipped = pipeline->AddLayer(DynamicLayer(geometry_, 0, 0));
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  ASSERT_EQ(skipped->size(), 1u);
+  EXPECT_EQ((*skipped)[0].kept, std::vector<int32_t>({301, 301}));
+  EXPECT_FALSE((*skipped)[0].deferred);
+  for (int layer = 0; layer < 4; ++layer) {
+    auto results = pipeline->AddLayer(DynamicLayer(geometry_, 1, layer, 30));
+    ASSERT_TRUE(results.ok()) << results.status();
+    ASSERT_EQ(results->size(), 1u);
+    const int32_t expected = layer == 0 ? 30 : 6;
+    EXPECT_EQ((*results)[0].kept, std::vector<int32_t>({expected, expected}));
+  }
+  // Sequence 0 allocates over its three compressed layers only: Σ = 3 · base.
+  std::vector<LayerInput> inputs;
+  for (int layer = 1; layer < 4; ++layer) inputs.push_back(DynamicLayer(geometry_, 0, layer));
+  std::vector<const LayerInput*> views;
+  for (const LayerInput& input : inputs) views.push_back(&input);
+  const std::vector<int64_t> budgets = ReferenceDynamic(geometry_, spec, views);
+  std::vector<LayerResult> results;
+  for (int layer = 1; layer < 4; ++layer) {
+    auto added = pipeline->AddLayer(DynamicLayer(geometry_, 0, layer));
+    ASSERT_TRUE(added.ok()) << added.status();
+    for (LayerResult& result : *added) results.push_back(std::move(result));
+  }
+  ASSERT_EQ(results.size(), 3u);
+  int64_t total = 0;
+  for (const LayerResult& result : results) {
+    EXPECT_EQ(result.kept[0], budgets[result.layer - 1] + kDynamicWindow);
+    total += result.kept[0] - kDynamicWindow;
+  }
+  EXPECT_EQ(total, 3 * kDynamicBase);
+}
+
+TEST_F(CompressionPipelineTest, DynamicBackendFailureConsumesNothing) {
+  FlakyBackend flaky;
+  auto created = CompressionPipeline::Create(&flaky, geometry_, DynamicSpec(),
+                                             {{kDynamicTokens, kDynamicWindow, 0}});
+  ASSERT_TRUE(created.ok()) << created.status();
+  auto& pipeline = *created;
+  for (int layer = 0; layer < 3; ++layer) {
+    auto results = pipeline->AddLayer(DynamicLayer(geometry_, 0, layer));
+    ASSERT_TRUE(results.ok()) << results.status();
+  }
+  flaky.FailNext();
+  auto failed = pipeline->AddLayer(DynamicLayer(geometry_, 0, 3));
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kInternal);
+  auto retried = pipeline->AddLayer(DynamicLayer(geometry_, 0, 3));
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  EXPECT_EQ(retried->size(), 4u);
+  auto again = pipeline->AddLayer(DynamicLayer(geometry_, 0, 3));
+  EXPECT_NE(again.status().message().find("added twice"), std::string::npos) << again.status();
+}
+
+TEST_F(CompressionPipelineTest, DynamicConcurrentAddsReturnEveryLayerOnce) {
+  const MethodSpec spec = DynamicSpec();
+  std::vector<SequenceShape> shapes;
+  for (int sequence = 0; sequence < 3; ++sequence) {
+    shapes.push_back({kDynamicTokens - 40 * sequence, kDynamicWindow, 0});
+  }
+  auto pipeline = MakePipeline(spec, shapes);
+  ASSERT_NE(pipeline, nullptr);
+  absl::Mutex mu;
+  std::vector<std::pair<int, int>> returned;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      // Thread t adds layer t of every sequence.
+      for (int sequence = 0; sequence < 3; ++sequence) {
+        auto results = pipeline->AddLayer(
+            DynamicLayer(geometry_, sequence, t, kDynamicTokens - 40 * sequence));
+        ASSERT_TRUE(results.ok()) << results.status();
+        absl::MutexLock lock(&mu);
+        for (const LayerResult& result : *results) {
+          returned.emplace_back(result.sequence, result.layer);
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  std::sort(returned.begin(), returned.end());
+  std::vector<std::pair<int, int>> expected;
+  for (int sequence = 0; sequence < 3; ++sequence) {
+    for (int layer = 0; layer < 4; ++layer) expected.emplace_back(sequence, layer);
+  }
+  EXPECT_EQ(returned, expected);
 }
 
 TEST_F(CompressionPipelineTest, RejectsBadIndicesShapesSizesAndDuplicates) {

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include "kernels/backend.h"
 
@@ -405,6 +406,72 @@ absl::StatusOr<std::vector<std::vector<float>>> ScoreLayer(const CacheGeometry& 
                       scores.scores.begin() + (head + 1) * num_tokens);
   }
   return rows;
+}
+
+namespace {
+
+float Fp32(double value) { return static_cast<float>(value); }
+
+// CPython's float floor division (Objects/floatobject.c).
+double PyFloorDivide(double a, double b) {
+  const double mod = std::fmod(a, b);
+  double div = (a - mod) / b;
+  if (mod != 0 && ((b < 0) != (mod < 0))) div -= 1.0;
+  if (div == 0) return std::copysign(0.0, a / b);
+  double floor_div = std::floor(div);
+  if (div - floor_div > 0.5) floor_div += 1.0;
+  return floor_div;
+}
+
+}  // namespace
+
+std::vector<int64_t> ReferenceDynamicBudgets(const DynamicLayerScores& scores, int64_t base,
+                                             double r_max, int interval) {
+  const int layers = static_cast<int>(scores.size());
+  const int heads = static_cast<int>(scores[0].size());
+  const int64_t prefix = static_cast<int64_t>(scores[0][0].size());
+  const int64_t temporary = std::min<int64_t>(static_cast<int64_t>(r_max * base), prefix);
+  std::vector<int64_t> cache(layers, temporary);
+  for (int u = 0; u < layers; ++u) {
+    if (u % interval != interval - 1 && u != layers - 1) continue;
+    const int seen = u + 1;
+    std::vector<std::tuple<double, int, int, int64_t>> flat;
+    for (int l = 0; l < seen; ++l) {
+      for (int h = 0; h < heads; ++h) {
+        for (int64_t j = 0; j < prefix; ++j) {
+          const float s = scores[l][h][j];
+          flat.emplace_back(std::isnan(s) ? INFINITY : -static_cast<double>(s), l, h, j);
+        }
+      }
+    }
+    std::sort(flat.begin(), flat.end());
+    const int64_t top = base * heads * seen;
+    std::vector<int64_t> counts(seen, 0);
+    for (int64_t i = 0; i < top; ++i) ++counts[std::get<1>(flat[i])];
+    for (int64_t& c : counts) c = c / seen;
+    int64_t sum = 0;
+    for (int64_t c : counts) sum += c;
+    if (u == layers - 1) counts.back() += top / layers - sum;
+    sum = 0;
+    for (int64_t c : counts) sum += c;
+    std::vector<int64_t> fixed;
+    for (int64_t c : counts) {
+      const float t = Fp32(static_cast<double>(Fp32(c)) / Fp32(sum));
+      fixed.push_back(static_cast<int64_t>(Fp32(static_cast<double>(Fp32(temporary)) * t)));
+    }
+    const int64_t need = base * layers;
+    int64_t fixed_sum = 0;
+    for (int64_t f : fixed) fixed_sum += f;
+    const double ratio = static_cast<double>(fixed_sum) / need;
+    fixed_sum = 0;
+    for (int64_t& f : fixed) {
+      f = static_cast<int64_t>(PyFloorDivide(static_cast<double>(f), ratio));
+      fixed_sum += f;
+    }
+    fixed.back() += need - fixed_sum;
+    for (int l = 0; l < seen; ++l) cache[l] = std::min(cache[l], std::min(fixed[l], prefix));
+  }
+  return cache;
 }
 
 std::vector<int32_t> KeptOfHead(const LayerResult& result, int head) {

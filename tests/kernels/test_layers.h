@@ -83,6 +83,16 @@ absl::StatusOr<std::vector<std::vector<float>>> ScoreLayer(const CacheGeometry& 
                                                            const MethodSpec& spec,
                                                            const LayerInput& input);
 
+// Prefix scores of one sequence's participating layers: [layer][head][position < P].
+using DynamicLayerScores = std::vector<std::vector<std::vector<float>>>;
+
+// DynamicKV prefix budgets by brute force, transcribed from DreamMr/DynamicKV
+// (DynamicKVClusterV11.update_and_reset_budget and its layer loop, with an update at the last
+// layer too): full sorts, Python integer and float semantics, torch float32 shares, caches
+// cut cumulatively.
+std::vector<int64_t> ReferenceDynamicBudgets(const DynamicLayerScores& scores, int64_t base,
+                                             double r_max, int interval);
+
 // The kept positions of head h of a result.
 std::vector<int32_t> KeptOfHead(const LayerResult& result, int head);
 
