@@ -144,8 +144,6 @@ void CompressReactor::Enqueue(AssembledLayer layer) {
 void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueued) {
   const Clock::time_point started = Clock::now();
   const uint64_t input_bytes = LayerBytes(layer.input);
-  const int job_sequence = layer.input.sequence;
-  const int job_layer = layer.input.layer;
   bool skip;
   {
     absl::MutexLock lock(&mu_);
@@ -169,7 +167,7 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
       const SequenceShape& shape = header_->sequences[result.sequence];
       tokens_in += static_cast<uint64_t>(shape.num_tokens) * header_->geometry.num_kv_heads;
       tokens_kept += static_cast<uint64_t>(result.total_kept());
-      if (result.sequence != job_sequence || result.layer != job_layer) ++deferred;
+      if (result.deferred) ++deferred;
       score += result.seconds.score;
       select += result.seconds.select;
       gather += result.seconds.gather;

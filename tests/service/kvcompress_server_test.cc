@@ -33,7 +33,7 @@ using ::testing::HasSubstr;
 
 // The tensors of one layer of one sequence, as bytes.
 struct LayerTensors {
-  std::string keys, values, queries;
+  std::string keys, values, queries, scores;
 };
 
 std::string RandomBf16(size_t elements, std::mt19937& rng) {
@@ -59,7 +59,8 @@ struct TestRequest {
       const std::pair<v1::TensorKind, const std::string*> parts[] = {
           {v1::TENSOR_KIND_KEYS, &tensors.keys},
           {v1::TENSOR_KIND_VALUES, &tensors.values},
-          {v1::TENSOR_KIND_QUERIES, &tensors.queries}};
+          {v1::TENSOR_KIND_QUERIES, &tensors.queries},
+          {v1::TENSOR_KIND_SCORES, &tensors.scores}};
       for (const auto& [kind, bytes] : parts) {
         for (size_t offset = 0; offset < bytes->size(); offset += chunk) {
           v1::CompressRequest& message = messages.emplace_back();
@@ -218,6 +219,10 @@ std::map<std::pair<int, int>, LayerResult> ExpectedResults(const TestRequest& re
     input.keys = to_bytes(tensors.keys);
     input.values = to_bytes(tensors.values);
     input.queries = to_bytes(tensors.queries);
+    input.scores.resize(tensors.scores.size() / sizeof(float));
+    if (!tensors.scores.empty()) {
+      std::memcpy(input.scores.data(), tensors.scores.data(), tensors.scores.size());
+    }
     auto results = (*pipeline)->AddLayer(std::move(input));
     EXPECT_TRUE(results.ok()) << results.status();
     for (LayerResult& result : *results) {
@@ -411,6 +416,33 @@ TEST_F(KvcServerTest, SnapKvWithWindowQueries) {
     EXPECT_DOUBLE_EQ(got.result.attention_mass_kept(), want.attention_mass_kept);
     EXPECT_GE(got.result.attention_mass_kept(), 0.0);
   }
+}
+
+TEST_F(KvcServerTest, ObservedScoresArriveAsScoreChunks) {
+  StartServer();
+  TestRequest request = MakeRequest({{120, 0}, {60, 0}}, 2, 2, 16, 21);
+  request.header.mutable_method()->mutable_scorer()->mutable_observed();
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  for (auto& [key, tensors] : request.layers) {
+    const uint32_t tokens = request.header.sequences(key.first).num_tokens();
+    std::vector<float> scores(4 * tokens);  // per query head: [H_q, T]
+    for (float& score : scores) score = uniform(rng);
+    tensors.scores = AsBytes(scores);
+  }
+  for (auto& shape : *request.header.mutable_sequences()) shape.set_num_score_heads(4);
+  const StreamOutcome outcome = RunStream(*stub_, request.Messages(100));
+  ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  const auto layers = CollectLayers(outcome);
+  const auto expected = ExpectedResults(request);
+  ASSERT_EQ(layers.size(), 4u);
+  for (const auto& [key, want] : expected) {
+    const ReceivedLayer& got = layers.at(key);
+    EXPECT_TRUE(TensorBytes(got, v1::TENSOR_KIND_POSITIONS) == AsBytes(want.positions));
+    EXPECT_TRUE(TensorBytes(got, v1::TENSOR_KIND_VALUES) == AsBytes(want.values));
+  }
+  ASSERT_NE(outcome.summary(), nullptr);
+  EXPECT_EQ(outcome.summary()->bytes_in(), (120u + 60u) * 2 * (2 * 2 * 16 * 2 + 4 * sizeof(float)));
 }
 
 TEST_F(KvcServerTest, PaddedOutputWithMergedCounts) {
