@@ -61,8 +61,8 @@ struct MergeSimilarOptions {
 // How many tokens a head keeps: floor(T · keep_ratio) or keep_tokens.
 struct TokenBudget {
   bool use_ratio = true;
-  double keep_ratio = 0.5;   // (0, 1]
-  int64_t keep_tokens = 0;   // ≥ 1 when !use_ratio
+  double keep_ratio = 0.5;  // (0, 1]
+  int64_t keep_tokens = 0;  // ≥ 1 when !use_ratio
 };
 
 struct MethodSpec {
@@ -87,18 +87,19 @@ struct MethodSpec {
   int protect_recent = 0;        // most recent tokens always kept
 };
 
-std::string_view ScorerName(ScorerKind kind);          // "snapkv", "knorm", ...
-std::string_view LayerBudgetName(LayerBudgetKind kind);  // "uniform", "pyramid", "dynamic"
-std::string_view HeadBudgetName(HeadBudgetKind kind);    // "uniform", "adaptive"
-std::string_view ReducerName(ReducerKind kind);          // "drop", "merge_similar", ...
-std::string_view PoolingName(Pooling pooling);           // "avg", "max"
+std::string_view ScorerName(ScorerKind kind);                   // "snapkv", "knorm", ...
+std::string_view LayerBudgetName(LayerBudgetKind kind);         // "uniform", "pyramid", "dynamic"
+std::string_view HeadBudgetName(HeadBudgetKind kind);           // "uniform", "adaptive"
+std::string_view ReducerName(ReducerKind kind);                 // "drop", "merge_similar", ...
+std::string_view PoolingName(Pooling pooling);                  // "avg", "max"
 std::string_view GroupReductionName(GroupReduction reduction);  // "mean", "max", "sum"
 
 // Checks every parameter's range against the geometry. INVALID_ARGUMENT names the field,
 // the value and the accepted range.
 absl::Status ValidateMethodSpec(const MethodSpec& spec, const CacheGeometry& geometry);
 
-// UNIMPLEMENTED naming the first stage of `spec` this build cannot run yet.
+// UNIMPLEMENTED naming the first stage of `spec` this build cannot run yet. This build runs
+// every stage of DESIGN §3, so it answers OK for any spec that passed ValidateMethodSpec.
 absl::Status CheckMethodImplemented(const MethodSpec& spec);
 
 // Checks that a sequence supplies what the method needs (window queries for attention

@@ -152,13 +152,6 @@ TEST(CheckMethodImplementedTest, ImplementedStagesPass) {
     spec.protect_recent = 8;
     EXPECT_TRUE(CheckMethodImplemented(spec).ok()) << ScorerName(scorer);
   }
-  MethodSpec pyramid;
-  pyramid.layer_budget = LayerBudgetKind::kPyramid;
-  EXPECT_TRUE(CheckMethodImplemented(pyramid).ok());
-  MethodSpec adaptive;
-  adaptive.head_budget = HeadBudgetKind::kAdaptive;
-  adaptive.layer_budget = LayerBudgetKind::kDynamic;
-  EXPECT_TRUE(CheckMethodImplemented(adaptive).ok());
   for (Pooling pooling : {Pooling::kAvg, Pooling::kMax}) {
     for (GroupReduction reduction :
          {GroupReduction::kMean, GroupReduction::kMax, GroupReduction::kSum}) {
@@ -170,13 +163,26 @@ TEST(CheckMethodImplementedTest, ImplementedStagesPass) {
   }
 }
 
-TEST(CheckMethodImplementedTest, OtherStagesAreUnimplementedByName) {
-  const auto unimplemented = absl::StatusCode::kUnimplemented;
-  MethodSpec spec;
-  spec.reducer = ReducerKind::kMergeSimilar;
-  ExpectStatus(CheckMethodImplemented(spec), unimplemented, "reducer \"merge_similar\"");
-  spec.reducer = ReducerKind::kMergeNearest;
-  ExpectStatus(CheckMethodImplemented(spec), unimplemented, "reducer \"merge_nearest\"");
+TEST(CheckMethodImplementedTest, EveryCombinationOfStagesIsImplemented) {
+  for (ScorerKind scorer : {ScorerKind::kSnapKv, ScorerKind::kKnorm, ScorerKind::kStreaming,
+                            ScorerKind::kObserved, ScorerKind::kTova, ScorerKind::kKeyDiff}) {
+    for (LayerBudgetKind layer :
+         {LayerBudgetKind::kUniform, LayerBudgetKind::kPyramid, LayerBudgetKind::kDynamic}) {
+      for (HeadBudgetKind head : {HeadBudgetKind::kUniform, HeadBudgetKind::kAdaptive}) {
+        for (ReducerKind reducer :
+             {ReducerKind::kDrop, ReducerKind::kMergeSimilar, ReducerKind::kMergeNearest}) {
+          MethodSpec spec;
+          spec.scorer = scorer;
+          spec.layer_budget = layer;
+          spec.head_budget = head;
+          spec.reducer = reducer;
+          EXPECT_TRUE(CheckMethodImplemented(spec).ok())
+              << ScorerName(scorer) << " " << LayerBudgetName(layer) << " " << HeadBudgetName(head)
+              << " " << ReducerName(reducer);
+        }
+      }
+    }
+  }
 }
 
 TEST(ValidateSequenceForMethodTest, ChecksWhatTheMethodNeeds) {

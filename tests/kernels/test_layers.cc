@@ -75,6 +75,34 @@ void AddRandomScores(LayerInput& input, int num_score_heads, uint32_t seed) {
       RandomNormals(static_cast<size_t>(num_score_heads) * input.shape.num_tokens, seed * 3 + 7);
 }
 
+LayerInput MakeRunLayer(const CacheGeometry& geometry, int64_t num_tokens, int num_window_queries,
+                        uint32_t seed, int sequence, int layer) {
+  LayerInput input =
+      MakeRandomLayer(geometry, num_tokens, num_window_queries, seed, sequence, layer);
+  const int dim = geometry.head_dim;
+  std::vector<float> keys(static_cast<size_t>(geometry.num_kv_heads) * num_tokens * dim);
+  std::mt19937 generator(seed * 7 + 5);
+  std::uniform_int_distribution<int> run_length(1, 8);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int head = 0; head < geometry.num_kv_heads; ++head) {
+    std::vector<float> center(dim);
+    int64_t run_left = 0;
+    for (int64_t j = 0; j < num_tokens; ++j) {
+      if (run_left == 0) {
+        run_left = run_length(generator);
+        for (float& value : center) value = normal(generator);
+      }
+      --run_left;
+      for (int d = 0; d < dim; ++d) {
+        keys[ElementIndexHnd(geometry, num_tokens, head, j) + d] =
+            center[d] + 0.25f * normal(generator);
+      }
+    }
+  }
+  input.keys = Encode(keys, geometry.dtype);
+  return input;
+}
+
 double KeyAt(const CacheGeometry& geometry, const LayerInput& input, int head, int64_t token,
              int d) {
   const size_t index = ElementIndexHnd(geometry, input.shape.num_tokens, head, token) + d;

@@ -28,6 +28,12 @@ std::vector<std::byte> Encode(std::span<const float> values, DType dtype);
 LayerInput MakeRandomLayer(const CacheGeometry& geometry, int64_t num_tokens,
                            int num_window_queries, uint32_t seed, int sequence = 0, int layer = 0);
 
+// Like MakeRandomLayer, but each head's keys come in runs of 1 to 8 tokens around a common
+// random direction (k = c_run + 0.25·noise), so that adjacent keys within a run are highly
+// cosine-similar and keys of different runs are not: input for the merging reducers.
+LayerInput MakeRunLayer(const CacheGeometry& geometry, int64_t num_tokens, int num_window_queries,
+                        uint32_t seed, int sequence = 0, int layer = 0);
+
 // Adds `num_score_heads` rows of random client scores ([num_score_heads, T] fp32) to `input`.
 void AddRandomScores(LayerInput& input, int num_score_heads, uint32_t seed);
 

@@ -1,0 +1,645 @@
+#include "kernels/cuda/cuda_compressor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/internal/dispatch.h"
+#include "kernels/cuda/internal/kernel_params.h"
+#include "kernels/cuda_backend.h"
+#include "kernels/snapkv_window.h"
+#include "kernels/status_macros.h"
+
+namespace kvcompress {
+namespace {
+
+using cuda::AttentionItem;
+using cuda::AttentionTiling;
+using cuda::BatchShape;
+using cuda::DeviceJob;
+using cuda::JobHead;
+using cuda::PartialStats;
+using cuda::RowStats;
+using cuda::Segment;
+using cuda::SegmentKind;
+using cuda::SelectState;
+using cuda::SliceCounts;
+using cuda::SliceItem;
+
+// Streaming's kept set is two ranges only while float(position) is exact, i.e. no two
+// positions tie: T ≤ 2^24.
+constexpr int64_t kMaxRangesTokens = int64_t{1} << 24;
+constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxChunkKeys = 4096;
+
+// Lays buffers out back to back, each 256-byte aligned.
+struct ArenaLayout {
+  size_t size = 0;
+  size_t Add(size_t bytes) {
+    size = (size + 255) / 256 * 256;
+    const size_t offset = size;
+    size += bytes;
+    return offset;
+  }
+};
+
+bool Aligned16(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
+}
+
+absl::Status ValidateJob(const MethodSpec& spec, const DeviceLayerJob& job, size_t index,
+                         bool keep_all) {
+  const auto error = [&](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat("jobs[", index, "] (sequence ", job.sequence,
+                                                   " layer ", job.layer, "): ", parts...));
+  };
+  const SequenceShape& shape = job.input.shape;
+  if (shape.num_tokens < 1 || shape.num_tokens > std::numeric_limits<int32_t>::max()) {
+    return error("num_tokens ", shape.num_tokens, " is out of range; expected 1 <= T <= 2^31-1");
+  }
+  if (job.input.keys == nullptr || job.input.values == nullptr) {
+    return error("keys and values are required");
+  }
+  if (!Aligned16(job.input.keys) || !Aligned16(job.input.values) ||
+      !Aligned16(job.input.queries)) {
+    return error("device keys, values and queries must be 16-byte aligned");
+  }
+  if (shape.num_window_queries < 0 || shape.num_window_queries > shape.num_tokens) {
+    return error("num_window_queries ", shape.num_window_queries,
+                 " is out of range; expected 0 <= W <= num_tokens ", shape.num_tokens);
+  }
+  if (shape.num_window_queries > 0 && job.input.queries == nullptr) {
+    return error("num_window_queries is ", shape.num_window_queries, " but no queries were given");
+  }
+  if (spec.scorer == ScorerKind::kSnapKv && shape.num_window_queries < 1 && !keep_all) {
+    return error("the snapkv scorer needs window queries; got none");
+  }
+  return absl::OkStatus();
+}
+
+// What the planner decided for one job.
+struct JobPlan {
+  int64_t num_tokens = 0;
+  int num_sent = 0;
+  bool keep_all = false;
+  int64_t need = 0;
+  int window = 0;          // attention window
+  bool attention = false;  // runs the two attention passes
+  bool needs_scores = false;
+  SegmentKind kind = SegmentKind::kSelect;
+  int64_t range_first_end = 0;
+  int64_t range_second_begin = 0;
+  int num_rows = 0;  // G · window
+  int num_chunks = 0;
+  int qblock_rows = 0;
+  int qblocks_per_member = 0;
+  int qblocks_per_item = 0;
+};
+
+// Streaming's kept set as [0, first_end) ∪ [second_begin, second_begin + need − first_end):
+// the +inf tokens (sinks, protected) first by position, then the most recent others.
+void PlanStreamingRanges(const MethodSpec& spec, JobPlan& plan) {
+  const int64_t num_tokens = plan.num_tokens;
+  const int64_t sinks = std::min<int64_t>(
+      num_tokens, std::max<int64_t>(std::max(spec.streaming.sinks, spec.protect_sinks), 0));
+  const int64_t recent = std::min<int64_t>(num_tokens, std::max(spec.protect_recent, 0));
+  const int64_t need = plan.need;
+  if (sinks >= num_tokens - recent || need <= sinks) {
+    plan.range_first_end = need;
+    plan.range_second_begin = num_tokens;
+    return;
+  }
+  plan.range_first_end = sinks;
+  plan.range_second_begin = need <= sinks + recent
+                                ? num_tokens - recent
+                                : num_tokens - recent - (need - sinks - recent);
+}
+
+template <typename T>
+void CopyTable(std::vector<std::byte>& host, size_t offset, const std::vector<T>& table) {
+  if (!table.empty()) std::memcpy(host.data() + offset, table.data(), table.size() * sizeof(T));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaCompressor>> CudaCompressor::Create(
+    const CudaCompressorOptions& options) {
+  int count = 0;
+  if (const cudaError_t error = cudaGetDeviceCount(&count); error != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("no CUDA device: cudaGetDeviceCount reports ", count, " devices (",
+                     cudaGetErrorString(error), ")"));
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "no CUDA device ", options.device, ": expected 0 <= device < ", count));
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  int num_multiprocessors = 0;
+  int max_shared_bytes = 0;
+  KVC_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &num_multiprocessors, cudaDevAttrMultiProcessorCount, options.device));
+  KVC_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
+      &max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, options.device));
+  size_t budget = options.memory_budget_bytes;
+  if (budget == 0) {
+    size_t free_bytes = 0;
+    size_t total_bytes = 0;
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+    budget = free_bytes / 10 * 9;
+  }
+  KVC_ASSIGN_OR_RETURN(std::unique_ptr<cuda::DeviceMemoryPool> pool,
+                       cuda::DeviceMemoryPool::Create(options.device, budget));
+  return std::unique_ptr<CudaCompressor>(
+      new CudaCompressor(options.device, num_multiprocessors, max_shared_bytes, std::move(pool)));
+}
+
+absl::StatusOr<DeviceBatchResult> CudaCompressor::Compress(const CacheGeometry& geometry,
+                                                           const MethodSpec& spec,
+                                                           std::span<const DeviceLayerJob> jobs,
+                                                           cudaStream_t stream,
+                                                           const StageEvents* events) {
+  DeviceBatchResult result;
+  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/false, events, &result,
+                          nullptr));
+  return result;
+}
+
+absl::StatusOr<DeviceBatchScores> CudaCompressor::Score(const CacheGeometry& geometry,
+                                                        const MethodSpec& spec,
+                                                        std::span<const DeviceLayerJob> jobs,
+                                                        cudaStream_t stream) {
+  DeviceBatchScores scores;
+  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/true, nullptr, nullptr,
+                          &scores));
+  return scores;
+}
+
+absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec& spec,
+                                 std::span<const DeviceLayerJob> jobs, cudaStream_t stream,
+                                 bool scores_only, const StageEvents* events,
+                                 DeviceBatchResult* result, DeviceBatchScores* scores_out) {
+  KVC_RETURN_IF_ERROR(ValidateGeometry(geometry));
+  KVC_RETURN_IF_ERROR(CheckCudaMethodSupported(spec, geometry.head_dim));
+  if (jobs.empty()) return absl::OkStatus();
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    KVC_RETURN_IF_ERROR(ValidateJob(spec, jobs[i], i, !scores_only && jobs[i].keep_all));
+  }
+  const int num_heads = geometry.num_kv_heads;
+  if (static_cast<int64_t>(jobs.size()) * num_heads > kMaxGridY) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "jobs: ", jobs.size(), " layers of ", num_heads, " KV heads exceed ", kMaxGridY,
+        " (layer, head) pairs per call; split the batch"));
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+
+  const int group_size = geometry.group_size();
+  const int head_dim = geometry.head_dim;
+  const size_t element_size = DTypeSize(geometry.dtype);
+  const size_t row_bytes = static_cast<size_t>(head_dim) * element_size;
+  const AttentionTiling tiling = cuda::AttentionTilingFor(geometry.dtype, head_dim);
+  const bool is_snapkv = spec.scorer == ScorerKind::kSnapKv;
+  const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
+
+  // Query rows the second pass can hold in shared memory.
+  const size_t key_slice_bytes = static_cast<size_t>(tiling.rows_per_block) * row_bytes;
+  int query_capacity = 0;
+  if (static_cast<size_t>(max_shared_bytes_) > key_slice_bytes) {
+    query_capacity = static_cast<int>((max_shared_bytes_ - key_slice_bytes) / (row_bytes + 12));
+  }
+  query_capacity = std::min(query_capacity, 1024) / 8 * 8;
+  if (query_capacity < 8) {
+    return absl::UnimplementedError(absl::StrCat(
+        "head_dim ", head_dim, " ", std::string(DTypeName(geometry.dtype)), ": the device's ",
+        max_shared_bytes_, " bytes of shared memory per block are too few for the cuda backend"));
+  }
+
+  // Per-job decisions.
+  std::vector<JobPlan> plans(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const DeviceLayerJob& job = jobs[i];
+    JobPlan& plan = plans[i];
+    plan.num_tokens = job.input.shape.num_tokens;
+    plan.num_sent = job.input.shape.num_window_queries;
+    plan.keep_all = !scores_only && job.keep_all;
+    plan.need = plan.keep_all ? plan.num_tokens
+                              : std::clamp<int64_t>(job.tokens_per_head, 1, plan.num_tokens);
+    plan.window =
+        is_snapkv ? EffectiveWindowSize(spec.snapkv.window_size, plan.num_sent) : plan.num_sent;
+    plan.attention = !plan.keep_all && plan.window > 0 && (!scores_only || is_snapkv);
+    if (plan.keep_all || plan.need >= plan.num_tokens) {
+      plan.kind = SegmentKind::kKeepAll;
+    } else if (is_streaming && plan.num_tokens <= kMaxRangesTokens) {
+      plan.kind = SegmentKind::kRanges;
+      PlanStreamingRanges(spec, plan);
+    } else {
+      plan.kind = SegmentKind::kSelect;
+    }
+    plan.needs_scores = scores_only || plan.kind == SegmentKind::kSelect;
+    if (plan.attention) {
+      plan.num_rows = group_size * plan.window;
+      const int padded_window = (plan.window + 7) / 8 * 8;
+      plan.qblock_rows = std::min(padded_window, query_capacity);
+      plan.qblocks_per_member = (plan.window + plan.qblock_rows - 1) / plan.qblock_rows;
+      plan.qblocks_per_item = std::max(1, query_capacity / plan.qblock_rows);
+    }
+  }
+
+  // Key chunks of the attention passes: the largest multiple of a block's rows (≤ 4096 keys)
+  // that still gives every multiprocessor two items.
+  const int64_t min_chunk = tiling.rows_per_block;
+  const auto count_items = [&](int64_t chunk) {
+    int64_t items = 0;
+    for (const JobPlan& plan : plans) {
+      if (!plan.attention) continue;
+      const int64_t row_blocks = (plan.num_rows + tiling.rows_per_block - 1) / tiling.rows_per_block;
+      items += num_heads * row_blocks * ((plan.num_tokens + chunk - 1) / chunk);
+    }
+    return items;
+  };
+  int64_t chunk_keys = min_chunk;
+  for (int64_t chunk = std::max(kMaxChunkKeys, min_chunk); chunk > min_chunk; chunk /= 2) {
+    if (count_items(chunk) >= 2 * num_multiprocessors_) {
+      chunk_keys = chunk;
+      break;
+    }
+  }
+  // Slices of the selection: the largest of 8192 … 1024 tokens giving two blocks per SM.
+  int64_t slice_tokens = 1024;
+  if (!scores_only) {
+    for (int64_t slice = 8192; slice > 1024; slice /= 2) {
+      int64_t count = 0;
+      for (const JobPlan& plan : plans) count += num_heads * ((plan.num_tokens + slice - 1) / slice);
+      if (count >= 2 * num_multiprocessors_) {
+        slice_tokens = slice;
+        break;
+      }
+    }
+  }
+
+  // Device job table and work items.
+  std::vector<DeviceJob> device_jobs(jobs.size());
+  std::vector<AttentionItem> stats_items;
+  std::vector<AttentionItem> column_items;
+  std::vector<JobHead> attention_heads;
+  std::vector<JobHead> score_heads;
+  std::vector<Segment> segments;
+  std::vector<SliceItem> slices;
+  int64_t scores_size = 0;
+  int64_t partial_size = 0;
+  int64_t stats_size = 0;
+  int64_t colsum_size = 0;
+  int64_t output_rows = 0;
+  int64_t max_tokens = 0;
+  int64_t max_score_tokens = 0;
+  int max_rows = 0;
+  int max_query_rows = 0;
+  int64_t max_need = 0;
+  bool any_select = false;
+  std::vector<int64_t> score_offsets(jobs.size(), 0);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const DeviceLayerJob& job = jobs[i];
+    JobPlan& plan = plans[i];
+    DeviceJob& device_job = device_jobs[i];
+    device_job.keys = job.input.keys;
+    device_job.values = job.input.values;
+    device_job.queries = job.input.queries;
+    device_job.num_tokens = plan.num_tokens;
+    device_job.num_sent = plan.num_sent;
+    device_job.window = plan.attention ? plan.window : 0;
+    device_job.prefix = plan.num_tokens - device_job.window;
+    max_tokens = std::max(max_tokens, plan.num_tokens);
+    const int job_index = static_cast<int>(i);
+    if (plan.needs_scores) {
+      device_job.score_offset = scores_size;
+      score_offsets[i] = scores_size;
+      scores_size += num_heads * plan.num_tokens;
+      max_score_tokens = std::max(max_score_tokens, plan.num_tokens);
+      for (int h = 0; h < num_heads; ++h) score_heads.push_back(JobHead{job_index, h});
+    }
+    if (plan.attention) {
+      plan.num_chunks = static_cast<int>((plan.num_tokens + chunk_keys - 1) / chunk_keys);
+      device_job.num_chunks = plan.num_chunks;
+      device_job.qblock_rows = plan.qblock_rows;
+      device_job.qblocks_per_member = plan.qblocks_per_member;
+      device_job.stats_offset = stats_size;
+      device_job.partial_offset = partial_size;
+      device_job.colsum_offset = colsum_size;
+      const int num_qblocks = group_size * plan.qblocks_per_member;
+      stats_size += static_cast<int64_t>(num_heads) * plan.num_rows;
+      partial_size += static_cast<int64_t>(num_heads) * plan.num_rows * plan.num_chunks;
+      colsum_size += static_cast<int64_t>(num_heads) * num_qblocks * plan.num_tokens;
+      max_rows = std::max(max_rows, plan.num_rows);
+      max_query_rows =
+          std::max(max_query_rows, std::min(num_qblocks, plan.qblocks_per_item) * plan.qblock_rows);
+      for (int h = 0; h < num_heads; ++h) {
+        attention_heads.push_back(JobHead{job_index, h});
+        for (int c = 0; c < plan.num_chunks; ++c) {
+          AttentionItem item;
+          item.job = job_index;
+          item.head = h;
+          item.key_begin = c * chunk_keys;
+          item.key_end = std::min(plan.num_tokens, (c + 1) * chunk_keys);
+          item.chunk = c;
+          for (int row = 0; row < plan.num_rows; row += tiling.rows_per_block) {
+            item.row_begin = row;
+            item.row_end = std::min(plan.num_rows, row + tiling.rows_per_block);
+            stats_items.push_back(item);
+          }
+          for (int qb = 0; qb < num_qblocks; qb += plan.qblocks_per_item) {
+            item.row_begin = qb;
+            item.row_end = std::min(num_qblocks, qb + plan.qblocks_per_item);
+            column_items.push_back(item);
+          }
+        }
+      }
+    }
+    if (!scores_only) {
+      for (int h = 0; h < num_heads; ++h) {
+        Segment segment;
+        segment.job = job_index;
+        segment.head = h;
+        segment.kind = plan.kind;
+        segment.first_slice = static_cast<int32_t>(slices.size());
+        segment.num_slices = static_cast<int32_t>((plan.num_tokens + slice_tokens - 1) / slice_tokens);
+        segment.has_attention = plan.attention ? 1 : 0;
+        segment.num_tokens = plan.num_tokens;
+        segment.need = plan.need;
+        segment.score_offset = device_job.score_offset;
+        segment.out_row = output_rows + h * plan.need;
+        segment.range_first_end = plan.range_first_end;
+        segment.range_second_begin = plan.range_second_begin;
+        for (int s = 0; s < segment.num_slices; ++s) {
+          SliceItem slice;
+          slice.segment = static_cast<int32_t>(segments.size());
+          slice.begin = s * slice_tokens;
+          slice.end = std::min(plan.num_tokens, (s + 1) * slice_tokens);
+          slices.push_back(slice);
+        }
+        segments.push_back(segment);
+      }
+      output_rows += num_heads * plan.need;
+      max_need = std::max(max_need, plan.need);
+      any_select = any_select || plan.kind == SegmentKind::kSelect;
+    }
+  }
+  if (slices.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()) ||
+      stats_items.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()) ||
+      column_items.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+    return absl::InvalidArgumentError("jobs: the batch is too large for one call; split it");
+  }
+
+  // Workspace: tables first (one upload), then scratch, then what must start zeroed.
+  ArenaLayout arena;
+  const size_t jobs_at = arena.Add(device_jobs.size() * sizeof(DeviceJob));
+  const size_t stats_items_at = arena.Add(stats_items.size() * sizeof(AttentionItem));
+  const size_t column_items_at = arena.Add(column_items.size() * sizeof(AttentionItem));
+  const size_t attention_heads_at = arena.Add(attention_heads.size() * sizeof(JobHead));
+  const size_t score_heads_at = arena.Add(score_heads.size() * sizeof(JobHead));
+  const size_t segments_at = arena.Add(segments.size() * sizeof(Segment));
+  const size_t slices_at = arena.Add(slices.size() * sizeof(SliceItem));
+  const size_t tables_bytes = arena.size;
+  const size_t partial_at = arena.Add(partial_size * sizeof(PartialStats));
+  const size_t stats_at = arena.Add(stats_size * sizeof(RowStats));
+  const size_t colsum_at = arena.Add(colsum_size * sizeof(float));
+  const size_t scores_at = scores_only ? 0 : arena.Add(scores_size * sizeof(float));
+  const size_t slice_counts_at = arena.Add(slices.size() * sizeof(SliceCounts));
+  const size_t zero_begin = arena.Add(segments.size() * sizeof(SelectState));
+  const size_t states_at = zero_begin;
+  const size_t histograms_at =
+      arena.Add((any_select ? segments.size() : 0) * cuda::kRadixBins * sizeof(uint32_t));
+  const size_t zero_bytes = arena.size - zero_begin;
+
+  KVC_ASSIGN_OR_RETURN(cuda::DeviceBuffer workspace, pool_->Allocate(arena.size, stream));
+  std::byte* base = workspace.data();
+
+  float* scores = nullptr;
+  if (scores_only) {
+    KVC_ASSIGN_OR_RETURN(scores_out->buffer,
+                         pool_->Allocate(std::max<int64_t>(scores_size, 1) * sizeof(float), stream));
+    scores = reinterpret_cast<float*>(scores_out->buffer.data());
+    scores_out->scores = scores;
+    scores_out->offsets = score_offsets;
+  } else {
+    scores = reinterpret_cast<float*>(base + scores_at);
+    ArenaLayout output;
+    const size_t keys_at = output.Add(output_rows * row_bytes);
+    const size_t values_at = output.Add(output_rows * row_bytes);
+    const size_t positions_at = output.Add(output_rows * sizeof(int32_t));
+    const size_t mass_at = output.Add(jobs.size() * sizeof(double));
+    KVC_ASSIGN_OR_RETURN(result->buffer, pool_->Allocate(output.size, stream));
+    std::byte* out = result->buffer.data();
+    result->keys = out + keys_at;
+    result->values = out + values_at;
+    result->positions = reinterpret_cast<int32_t*>(out + positions_at);
+    result->mass_sums = reinterpret_cast<double*>(out + mass_at);
+    result->total_rows = output_rows;
+    result->row_bytes = row_bytes;
+    KVC_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(result->mass_sums, 0, jobs.size() * sizeof(double), stream));
+    result->layers.resize(jobs.size());
+    int64_t row = 0;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const JobPlan& plan = plans[i];
+      DeviceLayerResult& layer = result->layers[i];
+      layer.sequence = jobs[i].sequence;
+      layer.layer = jobs[i].layer;
+      layer.kept_per_head = static_cast<int32_t>(plan.need);
+      layer.first_row = row;
+      layer.num_rows = num_heads * plan.need;
+      row += layer.num_rows;
+      if (plan.num_sent == 0) {
+        layer.mass_fixed = -1.0;
+      } else if (plan.keep_all) {
+        layer.mass_fixed = 1.0;
+      } else {
+        layer.mass_scale = 1.0 / (static_cast<double>(geometry.num_query_heads) * plan.window);
+      }
+    }
+  }
+
+  // Upload the tables (pageable source: the copy has consumed it when the call returns).
+  std::vector<std::byte> host_tables(tables_bytes);
+  CopyTable(host_tables, jobs_at, device_jobs);
+  CopyTable(host_tables, stats_items_at, stats_items);
+  CopyTable(host_tables, column_items_at, column_items);
+  CopyTable(host_tables, attention_heads_at, attention_heads);
+  CopyTable(host_tables, score_heads_at, score_heads);
+  CopyTable(host_tables, segments_at, segments);
+  CopyTable(host_tables, slices_at, slices);
+  if (tables_bytes > 0) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base, host_tables.data(), tables_bytes,
+                                             cudaMemcpyHostToDevice, stream));
+  }
+  if (zero_bytes > 0) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(base + zero_begin, 0, zero_bytes, stream));
+  }
+
+  const auto* device_job_table = reinterpret_cast<const DeviceJob*>(base + jobs_at);
+  BatchShape shape;
+  shape.num_kv_heads = num_heads;
+  shape.group_size = group_size;
+  shape.head_dim = head_dim;
+  shape.layout = geometry.layout;
+  shape.dtype = geometry.dtype;
+  const float scale_log2 =
+      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
+  auto* partial = reinterpret_cast<PartialStats*>(base + partial_at);
+  auto* row_stats = reinterpret_cast<RowStats*>(base + stats_at);
+  auto* colsum = reinterpret_cast<float*>(base + colsum_at);
+
+  // 1. Window attention: statistics, then column sums.
+  if (!stats_items.empty()) {
+    cuda::WindowStatsParams stats_params;
+    stats_params.jobs = device_job_table;
+    stats_params.items = reinterpret_cast<const AttentionItem*>(base + stats_items_at);
+    stats_params.num_items = static_cast<int>(stats_items.size());
+    stats_params.partial = partial;
+    stats_params.shape = shape;
+    stats_params.scale_log2 = scale_log2;
+    cuda::StatsCombineParams combine_params;
+    combine_params.jobs = device_job_table;
+    combine_params.job_heads = reinterpret_cast<const JobHead*>(base + attention_heads_at);
+    combine_params.partial = partial;
+    combine_params.stats = row_stats;
+    combine_params.shape = shape;
+    cuda::ColumnSumParams column_params;
+    column_params.jobs = device_job_table;
+    column_params.items = reinterpret_cast<const AttentionItem*>(base + column_items_at);
+    column_params.num_items = static_cast<int>(column_items.size());
+    column_params.stats = row_stats;
+    column_params.colsum = colsum;
+    column_params.shape = shape;
+    column_params.scale_log2 = scale_log2;
+    column_params.query_capacity = max_query_rows;
+    column_params.shared_bytes =
+        cuda::ColumnSumSharedBytes(geometry.dtype, head_dim, max_query_rows);
+    KVC_DISPATCH_DTYPE(geometry.dtype, kDType, {
+      KVC_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+        KVC_CUDA_RETURN_IF_ERROR((cuda::LaunchWindowStats<kDType, kHeadDim>(stats_params, stream)));
+      });
+    });
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchStatsCombine(
+        combine_params, static_cast<int>(attention_heads.size()), max_rows, stream));
+    KVC_DISPATCH_DTYPE(geometry.dtype, kDType, {
+      KVC_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+        KVC_CUDA_RETURN_IF_ERROR((cuda::LaunchColumnSums<kDType, kHeadDim>(column_params, stream)));
+      });
+    });
+  }
+
+  // 2. Scores.
+  const auto* score_head_table = reinterpret_cast<const JobHead*>(base + score_heads_at);
+  const int num_score_heads = static_cast<int>(score_heads.size());
+  cuda::Protection protection;
+  protection.sinks = spec.protect_sinks;
+  protection.recent = spec.protect_recent;
+  if (num_score_heads > 0) {
+    switch (spec.scorer) {
+      case ScorerKind::kSnapKv: {
+        cuda::SnapKvFinalizeParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.colsum = colsum;
+        params.scores = scores;
+        params.shape = shape;
+        params.kernel_size = spec.snapkv.kernel_size;
+        params.pooling = spec.snapkv.pooling;
+        params.group_reduction = spec.snapkv.group_reduction;
+        params.protection = protection;
+        KVC_CUDA_RETURN_IF_ERROR(
+            cuda::LaunchSnapKvFinalize(params, num_score_heads, max_score_tokens, stream));
+        break;
+      }
+      case ScorerKind::kKnorm: {
+        cuda::KnormParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.scores = scores;
+        params.shape = shape;
+        params.protection = protection;
+        KVC_DISPATCH_DTYPE(geometry.dtype, kDType, {
+          KVC_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+            KVC_CUDA_RETURN_IF_ERROR((cuda::LaunchKnormScores<kDType, kHeadDim>(
+                params, num_score_heads, max_score_tokens, stream)));
+          });
+        });
+        break;
+      }
+      case ScorerKind::kStreaming: {
+        cuda::StreamingScoreParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.scores = scores;
+        params.sinks = spec.streaming.sinks;
+        params.protection = protection;
+        KVC_CUDA_RETURN_IF_ERROR(
+            cuda::LaunchStreamingScores(params, num_score_heads, max_score_tokens, stream));
+        break;
+      }
+      default:
+        return absl::UnimplementedError(absl::StrCat(
+            "scorer ", std::string(ScorerName(spec.scorer)), " is not implemented by the cuda backend"));
+    }
+  }
+  if (events != nullptr && events->scored != nullptr) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaEventRecord(events->scored, stream));
+  }
+  if (scores_only) return absl::OkStatus();
+
+  // 3. Selection and compaction.
+  cuda::SelectParams select_params;
+  select_params.segments = reinterpret_cast<const Segment*>(base + segments_at);
+  select_params.slices = reinterpret_cast<const SliceItem*>(base + slices_at);
+  select_params.num_slices = static_cast<int>(slices.size());
+  select_params.scores = scores;
+  select_params.states = reinterpret_cast<SelectState*>(base + states_at);
+  select_params.histograms = reinterpret_cast<uint32_t*>(base + histograms_at);
+  select_params.slice_counts = reinterpret_cast<SliceCounts*>(base + slice_counts_at);
+  if (any_select) {
+    for (int pass = 0; pass < cuda::kRadixPasses; ++pass) {
+      select_params.pass = pass;
+      KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchRadixSelectPass(select_params, stream));
+    }
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchSliceCounts(select_params, stream));
+  }
+  cuda::CompactParams compact_params;
+  compact_params.segments = select_params.segments;
+  compact_params.slices = select_params.slices;
+  compact_params.num_slices = select_params.num_slices;
+  compact_params.scores = scores;
+  compact_params.states = select_params.states;
+  compact_params.slice_counts = select_params.slice_counts;
+  compact_params.positions = result->positions;
+  compact_params.jobs = device_job_table;
+  compact_params.colsum = colsum;
+  compact_params.mass = result->mass_sums;
+  compact_params.shape = shape;
+  KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchCompact(compact_params, stream));
+  if (events != nullptr && events->selected != nullptr) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaEventRecord(events->selected, stream));
+  }
+
+  // 4. Gather.
+  cuda::GatherParams gather_params;
+  gather_params.segments = select_params.segments;
+  gather_params.jobs = device_job_table;
+  gather_params.positions = result->positions;
+  gather_params.out_keys = result->keys;
+  gather_params.out_values = result->values;
+  gather_params.shape = shape;
+  KVC_CUDA_RETURN_IF_ERROR(
+      cuda::LaunchGather(gather_params, static_cast<int>(segments.size()), max_need, stream));
+  if (events != nullptr && events->gathered != nullptr) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaEventRecord(events->gathered, stream));
+  }
+  (void)max_tokens;
+  return absl::OkStatus();
+}
+
+}  // namespace kvcompress

@@ -1,0 +1,183 @@
+// Per-token scorers that follow the attention passes or stand alone: SnapKV pooling and group
+// reduction of the column sums, the key norm, and StreamingLLM's positional scores. Each
+// applies protect_sinks / protect_recent (+inf) and writes [H_kv, T] fp32 scores.
+#include <cmath>
+
+#include "kernels/cuda/internal/device_utils.cuh"
+#include "kernels/cuda/internal/kernel_params.h"
+#include "kernels/snapkv_window.h"
+
+namespace kvcompress::cuda {
+namespace {
+
+__device__ __forceinline__ bool IsProtected(const Protection& protection, int64_t token,
+                                            int64_t num_tokens) {
+  return token < protection.sinks || token >= num_tokens - protection.recent;
+}
+
+// score_j = reduce_g pool_k(mean_i A_gij) over prefix keys, fp64 from the fp32 column sums, in
+// the CPU reference's order of operations; window tokens +inf.
+__global__ void SnapKvFinalizeKernel(const SnapKvFinalizeParams params) {
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (token >= num_tokens) return;
+  const int64_t prefix = job.prefix;
+  float score = INFINITY;
+  if (token < prefix) {
+    const int group_size = params.shape.group_size;
+    const int blocks_per_member = job.qblocks_per_member;
+    const float* head_sums =
+        params.colsum + job.colsum_offset +
+        static_cast<int64_t>(job_head.head) * group_size * blocks_per_member * num_tokens;
+    const PoolingWindow pool = PoolingWindowAt(token, params.kernel_size, prefix);
+    const bool max_reduction = params.group_reduction == GroupReduction::kMax;
+    double reduced = max_reduction ? -INFINITY : 0.0;
+    for (int member = 0; member < group_size; ++member) {
+      double pooled = params.pooling == Pooling::kAvg ? 0.0 : -INFINITY;
+      for (int64_t t = pool.first; t <= pool.last; ++t) {
+        double sum = 0.0;
+        for (int block = 0; block < blocks_per_member; ++block) {
+          sum += head_sums[(static_cast<int64_t>(member) * blocks_per_member + block) * num_tokens +
+                           t];
+        }
+        const double mean = sum / job.window;
+        pooled = params.pooling == Pooling::kAvg ? pooled + mean : fmax(pooled, mean);
+      }
+      if (params.pooling == Pooling::kAvg) pooled /= params.kernel_size;
+      reduced = max_reduction ? fmax(reduced, pooled) : reduced + pooled;
+    }
+    const double divisor = params.group_reduction == GroupReduction::kMean ? group_size : 1.0;
+    score = static_cast<float>(reduced / divisor);
+  }
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+}
+
+// −‖k_j‖₂ with the squares summed in fp64 in element order, exactly as the CPU reference sums
+// them (each square of a float is exact in fp64, so FMA contraction changes nothing): the
+// scores are bit-identical. Rows are staged through shared memory (coalesced loads, padded to
+// avoid bank conflicts) so that each thread can walk its own row in order.
+template <DType kDType, int kHeadDim>
+__global__ void KnormKernel(const KnormParams params) {
+  using Traits = ElementTraits<kDType>;
+  constexpr int kRowBytes = kHeadDim * Traits::kSize;
+  constexpr int kTokens = kRowBytes <= 256 ? 128 : (kRowBytes <= 512 ? 64 : 32);
+  constexpr int kWords = kRowBytes / 4;
+  constexpr int kStride = kWords + 1;
+  constexpr int kChunks = kRowBytes / 16;
+  __shared__ uint32_t rows[kTokens * kStride];
+
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const BatchShape shape = params.shape;
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTokens;
+  if (first >= num_tokens) return;
+  for (int index = threadIdx.x; index < kTokens * kChunks; index += blockDim.x) {
+    const int row = index / kChunks;
+    const int chunk = index % kChunks;
+    const int64_t token = first + row;
+    if (token < num_tokens) {
+      const uint4 value = __ldg(reinterpret_cast<const uint4*>(
+          job.keys + RowElementOffset(shape.layout, shape.num_kv_heads, num_tokens, kHeadDim,
+                                      job_head.head, token) *
+                         Traits::kSize +
+          chunk * 16));
+      uint32_t* out = rows + row * kStride + chunk * 4;
+      out[0] = value.x;
+      out[1] = value.y;
+      out[2] = value.z;
+      out[3] = value.w;
+    }
+  }
+  __syncthreads();
+  const int64_t token = first + threadIdx.x;
+  if (token >= num_tokens) return;
+  const uint32_t* row = rows + threadIdx.x * kStride;
+  double squares = 0.0;
+#pragma unroll 8
+  for (int word = 0; word < kWords; ++word) {
+    const uint32_t bits = row[word];
+    if constexpr (Traits::kIsFloat32) {
+      const double x = __uint_as_float(bits);
+      squares += x * x;
+    } else {
+      const uint16_t low = static_cast<uint16_t>(bits & 0xffffu);
+      const uint16_t high = static_cast<uint16_t>(bits >> 16);
+      const double x0 = Traits::kIsBFloat16 ? BFloat16ToFloat(low) : Float16ToFloat(low);
+      const double x1 = Traits::kIsBFloat16 ? BFloat16ToFloat(high) : Float16ToFloat(high);
+      squares += x0 * x0;
+      squares += x1 * x1;
+    }
+  }
+  float score = static_cast<float>(-sqrt(squares));
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+}
+
+__global__ void StreamingScoresKernel(const StreamingScoreParams params) {
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (token >= num_tokens) return;
+  float score = token < params.sinks ? INFINITY : static_cast<float>(token);
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+}
+
+constexpr int kScoreThreads = 256;
+
+dim3 TokenGrid(int64_t max_tokens, int threads, int num_job_heads) {
+  return dim3(static_cast<unsigned>((max_tokens + threads - 1) / threads),
+              static_cast<unsigned>(num_job_heads));
+}
+
+}  // namespace
+
+cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job_heads,
+                                 int64_t max_tokens, cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  SnapKvFinalizeKernel<<<TokenGrid(max_tokens, kScoreThreads, num_job_heads), kScoreThreads, 0,
+                         stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchStreamingScores(const StreamingScoreParams& params, int num_job_heads,
+                                  int64_t max_tokens, cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  StreamingScoresKernel<<<TokenGrid(max_tokens, kScoreThreads, num_job_heads), kScoreThreads, 0,
+                          stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchKnormScores(const KnormParams& params, int num_job_heads, int64_t max_tokens,
+                              cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  constexpr int kRowBytes = kHeadDim * ElementTraits<kDType>::kSize;
+  constexpr int kTokens = kRowBytes <= 256 ? 128 : (kRowBytes <= 512 ? 64 : 32);
+  KnormKernel<kDType, kHeadDim>
+      <<<TokenGrid(max_tokens, kTokens, num_job_heads), kTokens, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+#define KVC_INSTANTIATE_KNORM(dtype, head_dim)                                             \
+  template cudaError_t LaunchKnormScores<dtype, head_dim>(const KnormParams&, int, int64_t, \
+                                                          cudaStream_t);
+
+KVC_INSTANTIATE_KNORM(DType::kFloat16, 64)
+KVC_INSTANTIATE_KNORM(DType::kFloat16, 128)
+KVC_INSTANTIATE_KNORM(DType::kFloat16, 256)
+KVC_INSTANTIATE_KNORM(DType::kBFloat16, 64)
+KVC_INSTANTIATE_KNORM(DType::kBFloat16, 128)
+KVC_INSTANTIATE_KNORM(DType::kBFloat16, 256)
+KVC_INSTANTIATE_KNORM(DType::kFloat32, 64)
+KVC_INSTANTIATE_KNORM(DType::kFloat32, 128)
+KVC_INSTANTIATE_KNORM(DType::kFloat32, 256)
+
+#undef KVC_INSTANTIATE_KNORM
+
+}  // namespace kvcompress::cuda

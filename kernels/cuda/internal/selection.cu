@@ -1,0 +1,209 @@
+// Per-head top-n selection with the CPU's exact order (higher score, then lower position; NaN
+// as −inf) and the fused compaction into ascending positions.
+//
+// Scores map to 32-bit keys that order like (score desc); a three-pass radix select (12, 12
+// and 8 bits, MSB first) finds each segment's threshold key u* and the count of tokens strictly
+// better. Tokens below u* are kept; among tokens equal to u* the lowest positions fill what is
+// left, which the compaction resolves with a block scan in position order — so positions
+// break every tie exactly as the CPU does. Each pass spreads a segment over slices (blocks);
+// the last block of a segment to finish (atomic ticket) picks the digit for the next pass.
+#include "kernels/cuda/internal/device_utils.cuh"
+#include "kernels/cuda/internal/kernel_params.h"
+
+namespace kvcompress::cuda {
+namespace {
+
+constexpr int kSelectThreads = 256;
+
+__device__ __forceinline__ int RadixShift(int pass) { return pass == 0 ? 20 : (pass == 1 ? 8 : 0); }
+__device__ __forceinline__ int RadixBits(int pass) { return pass == 2 ? 8 : 12; }
+
+__device__ __forceinline__ const float* SegmentScores(const float* scores, const Segment& segment) {
+  return scores + segment.score_offset + static_cast<int64_t>(segment.head) * segment.num_tokens;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) RadixSelectPassKernel(const SelectParams params) {
+  __shared__ uint32_t histogram[kRadixBins];
+  __shared__ int64_t scan_scratch[33];
+  __shared__ bool is_last;
+  const SliceItem item = params.slices[blockIdx.x];
+  const Segment& segment = params.segments[item.segment];
+  if (segment.kind != SegmentKind::kSelect) return;
+  SelectState* state = params.states + item.segment;
+  const int shift = RadixShift(params.pass);
+  const int bins = 1 << RadixBits(params.pass);
+  const uint32_t digit_mask = static_cast<uint32_t>(bins - 1);
+  const uint32_t prefix = state->prefix;
+  const uint32_t mask = state->mask;
+
+  for (int bin = threadIdx.x; bin < bins; bin += blockDim.x) histogram[bin] = 0;
+  __syncthreads();
+  const float* scores = SegmentScores(params.scores, segment);
+  for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
+    const uint32_t key = SelectionKey(scores[token]);
+    if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & digit_mask], 1u);
+  }
+  __syncthreads();
+  uint32_t* global_histogram = params.histograms + static_cast<int64_t>(item.segment) * kRadixBins;
+  for (int bin = threadIdx.x; bin < bins; bin += blockDim.x) {
+    if (histogram[bin] != 0) atomicAdd(&global_histogram[bin], histogram[bin]);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    is_last = atomicAdd(&state->ticket, 1u) == static_cast<uint32_t>(segment.num_slices - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // The last block: find the digit holding the rank-th smallest key among those matching.
+  const int64_t rank = segment.need - state->less;  // 1-based
+  const int per_thread = bins / blockDim.x;
+  const int first_bin = threadIdx.x * per_thread;
+  int64_t local = 0;
+  for (int k = 0; k < per_thread; ++k) local += __ldcg(&global_histogram[first_bin + k]);
+  int64_t total = 0;
+  const int64_t before = BlockExclusiveScan(local, scan_scratch, total);
+  if (before < rank && rank <= before + local) {
+    int64_t cumulative = before;
+    for (int k = 0; k < per_thread; ++k) {
+      const int64_t count = __ldcg(&global_histogram[first_bin + k]);
+      if (cumulative + count >= rank) {
+        const uint32_t digit = static_cast<uint32_t>(first_bin + k);
+        state->prefix = prefix | (digit << shift);
+        state->mask = mask | (digit_mask << shift);
+        state->less += cumulative;
+        break;
+      }
+      cumulative += count;
+    }
+  }
+  __syncthreads();
+  for (int bin = threadIdx.x; bin < bins; bin += blockDim.x) global_histogram[bin] = 0;
+  if (threadIdx.x == 0) state->ticket = 0;
+}
+
+__global__ void __launch_bounds__(kSelectThreads) SliceCountsKernel(const SelectParams params) {
+  __shared__ int64_t scratch[33];
+  const SliceItem item = params.slices[blockIdx.x];
+  const Segment& segment = params.segments[item.segment];
+  if (segment.kind != SegmentKind::kSelect) return;
+  const uint32_t threshold = params.states[item.segment].prefix;
+  const float* scores = SegmentScores(params.scores, segment);
+  int64_t less = 0;
+  int64_t equal = 0;
+  for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
+    const uint32_t key = SelectionKey(scores[token]);
+    less += key < threshold;
+    equal += key == threshold;
+  }
+  // Pack both counts (each < 2^31) into one 64-bit sum.
+  const int64_t packed = BlockSum<int64_t>(less | (equal << 32), scratch);
+  if (threadIdx.x == 0) {
+    params.slice_counts[blockIdx.x] =
+        SliceCounts{static_cast<int32_t>(packed & 0xffffffff), static_cast<int32_t>(packed >> 32)};
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactParams params) {
+  __shared__ int32_t scan_scratch[33];
+  __shared__ double mass_scratch[33];
+  const SliceItem item = params.slices[blockIdx.x];
+  const Segment& segment = params.segments[item.segment];
+  int32_t* out = params.positions + segment.out_row;
+  const bool add_mass = segment.has_attention != 0;
+  const float* key_sums = nullptr;
+  int num_qblocks = 0;
+  if (add_mass) {
+    const DeviceJob& job = params.jobs[segment.job];
+    num_qblocks = params.shape.group_size * job.qblocks_per_member;
+    key_sums = params.colsum + job.colsum_offset +
+               static_cast<int64_t>(segment.head) * num_qblocks * segment.num_tokens;
+  }
+  const auto key_mass = [&](int64_t token) {
+    double sum = 0.0;
+    for (int qb = 0; qb < num_qblocks; ++qb) sum += key_sums[qb * segment.num_tokens + token];
+    return sum;
+  };
+  double mass = 0.0;
+
+  if (segment.kind == SegmentKind::kKeepAll) {
+    for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
+      out[token] = static_cast<int32_t>(token);
+      if (add_mass) mass += key_mass(token);
+    }
+  } else if (segment.kind == SegmentKind::kRanges) {
+    const int64_t first_end = segment.range_first_end;
+    const int64_t second_begin = segment.range_second_begin;
+    const int64_t second_end = second_begin + (segment.need - first_end);
+    for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
+      int64_t index = -1;
+      if (token < first_end) {
+        index = token;
+      } else if (token >= second_begin && token < second_end) {
+        index = first_end + (token - second_begin);
+      }
+      if (index >= 0) {
+        out[index] = static_cast<int32_t>(token);
+        if (add_mass) mass += key_mass(token);
+      }
+    }
+  } else {
+    int64_t less_before = 0;
+    int64_t equal_before = 0;
+    for (int slice = segment.first_slice; slice < static_cast<int>(blockIdx.x); ++slice) {
+      less_before += params.slice_counts[slice].less;
+      equal_before += params.slice_counts[slice].equal;
+    }
+    const SelectState state = params.states[item.segment];
+    const uint32_t threshold = state.prefix;
+    const int64_t equal_wanted = segment.need - state.less;
+    const float* scores = SegmentScores(params.scores, segment);
+    for (int64_t tile = item.begin; tile < item.end; tile += blockDim.x) {
+      const int64_t token = tile + threadIdx.x;
+      const bool valid = token < item.end;
+      const uint32_t key = valid ? SelectionKey(scores[token]) : 0xffffffffu;
+      const bool is_less = valid && key < threshold;
+      const bool is_equal = valid && key == threshold;
+      const int32_t flags = (is_less ? 1 : 0) | (is_equal ? (1 << 16) : 0);
+      int32_t tile_total = 0;
+      const int32_t exclusive = BlockExclusiveScan(flags, scan_scratch, tile_total);
+      const int64_t my_less = less_before + (exclusive & 0xffff);
+      const int64_t my_equal = equal_before + (exclusive >> 16);
+      if (is_less || (is_equal && my_equal < equal_wanted)) {
+        const int64_t index = my_less + (my_equal < equal_wanted ? my_equal : equal_wanted);
+        out[index] = static_cast<int32_t>(token);
+        if (add_mass) mass += key_mass(token);
+      }
+      less_before += tile_total & 0xffff;
+      equal_before += tile_total >> 16;
+    }
+  }
+  if (add_mass) {
+    const double total = BlockSum<double>(mass, mass_scratch);
+    if (threadIdx.x == 0) atomicAdd(&params.mass[segment.job], total);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchRadixSelectPass(const SelectParams& params, cudaStream_t stream) {
+  if (params.num_slices == 0) return cudaSuccess;
+  RadixSelectPassKernel<<<params.num_slices, kSelectThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSliceCounts(const SelectParams& params, cudaStream_t stream) {
+  if (params.num_slices == 0) return cudaSuccess;
+  SliceCountsKernel<<<params.num_slices, kSelectThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchCompact(const CompactParams& params, cudaStream_t stream) {
+  if (params.num_slices == 0) return cudaSuccess;
+  CompactKernel<<<params.num_slices, kSelectThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace kvcompress::cuda
