@@ -31,7 +31,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,6 +94,11 @@ class Method:
     label: str           # row name in the table
     args: Tuple[str, ...]  # kvc compress flags (empty for the Python baselines)
     note: str = ""
+    # Flags that depend on the budget n (tokens per head), appended to `args`.
+    budget_args: Optional[Callable[[int], Tuple[str, ...]]] = None
+
+    def flags(self, n: int) -> Tuple[str, ...]:
+        return self.args + (self.budget_args(n) if self.budget_args else ())
 
 
 # Every method (pipeline) the engine offers. Rows of methods a build lacks read
@@ -108,10 +113,14 @@ METHODS: Tuple[Method, ...] = (
     Method("kvmerger", ("--method", "kvmerger"), "snapkv + merge_similar"),
     Method("snapkv+merge_nearest", ("--method", "snapkv", "--reducer", "merge_nearest"),
            "snapkv, evicted values folded into nearest kept key"),
-    Method("h2o", ("--method", "observed"), "observed scores = accumulated prompt attention"),
+    Method("observed", ("--method", "observed"),
+           "observed scores = accumulated attention from all prompt queries"),
+    Method("h2o", ("--method", "observed"), "observed scores + the n/2 most recent tokens "
+           "(H2O's heavy hitters + recent window)",
+           budget_args=lambda n: ("--protect-recent", str(n // 2))),
     Method("tova", ("--method", "tova"), "last query's attention, all heads"),
     Method("keydiff", ("--method", "keydiff"), "-cos(k, mean key direction)"),
-    Method("knorm", ("--method", "knorm"), "-||k||"),
+    Method("knorm", ("--method", "knorm"), "−‖k‖₂, lowest-norm keys kept"),
     Method("streaming", ("--method", "streaming"), "4 sinks + recent"),
 )
 RANDOM = Method("random", (), "uniform random tokens per head (seed 0)")
@@ -247,10 +256,10 @@ class Unimplemented(Exception):
     pass
 
 
-def run_kvc(kvc: str, inp: str, out: str, method: Method, keep: float,
+def run_kvc(kvc: str, inp: str, out: str, method: Method, keep: float, T: int,
             threads: Optional[int] = None) -> None:
-    cmd = [kvc, "compress", "--local", "--input", inp, "--output", out, *method.args,
-           "--keep", repr(keep)]
+    cmd = [kvc, "compress", "--local", "--input", inp, "--output", out,
+           *method.flags(budget(T, keep)), "--keep", repr(keep)]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -310,7 +319,7 @@ class Evaluator:
             return random_cache(self.ref, keep)
         out = os.path.join(self.dir, "output.safetensors")
         inp = self.input_scores if "observed" in method.args else self.input
-        run_kvc(self.kvc, inp, out, method, keep, self.threads)
+        run_kvc(self.kvc, inp, out, method, keep, self.ref.T, self.threads)
         try:
             return read_compressed(out, len(self.ref.k), self.ref.T)
         finally:
@@ -321,12 +330,16 @@ class Evaluator:
 
 
 def find_kvc(explicit: Optional[str] = None) -> str:
-    """--kvc, else $KVC_BIN_DIR/kvc, else the newest build*/bin/kvc of the repository."""
+    """`explicit`, else $KVC_BIN_DIR/kvc, else build/bin/kvc (the default preset), else the
+    newest build*/bin/kvc of the repository."""
     if explicit:
         return explicit
     if os.environ.get("KVC_BIN_DIR"):
         return os.path.join(os.environ["KVC_BIN_DIR"], "kvc")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    default = os.path.join(root, "build", "bin", "kvc")
+    if os.access(default, os.X_OK):
+        return default
     found = []
     for entry in os.listdir(root):
         path = os.path.join(root, entry, "bin", "kvc")

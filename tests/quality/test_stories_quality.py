@@ -153,9 +153,11 @@ def test_snapkv_beats_random_at_keep_quarter(evaluators):
 
 
 def test_every_implemented_method_is_sane_at_keep_half(evaluators):
-    # Methods land over time; any that kvc implements must keep about half the cache and
-    # lose less than 0.5 nats/token: ~9x random's loss at this budget (-0.057), far less
-    # than a corrupted cache's (-2.8). Methods answering UNIMPLEMENTED are skipped.
+    # Methods land over time; any that kvc implements must lose less than 0.5 nats/token at
+    # keep 0.5: ~9x random's loss at this budget (-0.057), far less than a corrupted cache's
+    # (-2.8). Methods answering UNIMPLEMENTED are skipped. Rows kept: about half, except
+    # that merging reducers may return fewer rows (each standing for several tokens; kvmerger
+    # measured 0.30 here, its adjacent-key runs being long at head_dim 8).
     ran = []
     for m in hq.METHODS:
         try:
@@ -165,7 +167,8 @@ def test_every_implemented_method_is_sane_at_keep_half(evaluators):
         delta = float(np.mean([s.delta for s in scores]))
         kept = float(np.mean([s.kept_fraction for s in scores]))
         assert np.isfinite(delta) and delta > -0.5, (m.label, delta)
-        assert abs(kept - 0.5) < 0.05, (m.label, kept)
+        merging = any(a.startswith("merge") for a in m.args) or m.label == "kvmerger"
+        assert kept < 0.55 and (merging or kept > 0.45), (m.label, kept)
         ran.append(m.label)
     assert {"snapkv", "knorm", "streaming"} <= set(ran), ran
 
