@@ -90,6 +90,15 @@ TEST(DynamicPrefixBudgetsTest, HandComputedValues) {
   // Updates after layers 2, 4 and 6; the early cuts and the cap P = 7 leave Σ = 16 < 18.
   EXPECT_EQ(Budgets(six, 3, /*r_max=*/10, /*interval=*/2),
             std::vector<int64_t>({0, 0, 3, 3, 3, 7}));
+
+  // An early cut binds: after layers 0 and 1 (update every 2), layer 1 holds the whole top
+  // set, so layer 0 is cut to 0; the final update would give it 3, but a cut is never undone.
+  LayerScores3 cut(4, std::vector<std::vector<float>>(1));
+  const float offsets[] = {5.0f, 9.0f, 0.1f, 0.2f};
+  for (int l = 0; l < 4; ++l) {
+    for (int j = 0; j < 10; ++j) cut[l][0].push_back(offsets[l] + 0.01f * j);
+  }
+  EXPECT_EQ(Budgets(cut, 4, /*r_max=*/10, /*interval=*/2), std::vector<int64_t>({0, 8, 0, 5}));
 }
 
 TEST(DynamicPrefixBudgetsTest, MatchesTheBruteForceProcedure) {

@@ -270,6 +270,9 @@ INSTANTIATE_TEST_SUITE_P(
                   0.5},
         MergeCase{ScorerKind::kKeyDiff, 257, 1, 2, 0.9, DType::kFloat32, Layout::kNHD, true, true,
                   5.0, 0.0},
+        // ⌊0.1·60⌋ = 6 < 16 window tokens: the window alone is protected.
+        MergeCase{ScorerKind::kSnapKv, 301, 4, 2, 0.2, DType::kBFloat16, Layout::kNHD, false, false,
+                  5.0, 0.1},
         MergeCase{ScorerKind::kSnapKv, 389, 4, 3, 0.3, DType::kBFloat16, Layout::kHND, false, false,
                   5.0, 0.5, true}));
 
