@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <thread>
 #include <utility>
 
@@ -51,10 +52,15 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
     return absl::InvalidArgumentError("every --max_* limit must be >= 1");
   }
   std::unique_ptr<KvcServer> server(new KvcServer());
-  server->backend_ = options.backend != nullptr
-                         ? std::move(options.backend)
-                         : MakeCpuBackend(ThreadsOrHardware(options.backend_threads));
-  server->scheduler_ = std::make_unique<LayerScheduler>(ThreadsOrHardware(options.worker_threads));
+  const int worker_threads = ThreadsOrHardware(options.worker_threads);
+  // Layer jobs already run in parallel; by default they share the cores instead of each
+  // starting a full set of backend threads.
+  const int backend_threads = options.backend_threads > 0
+                                  ? options.backend_threads
+                                  : std::max(1, ThreadsOrHardware(0) / worker_threads);
+  server->backend_ =
+      options.backend != nullptr ? std::move(options.backend) : MakeCpuBackend(backend_threads);
+  server->scheduler_ = std::make_unique<LayerScheduler>(worker_threads);
   server->memory_ = std::make_unique<MemoryBudget>(
       options.max_buffered_bytes > 0 ? options.max_buffered_bytes : HalfOfPhysicalMemory());
 

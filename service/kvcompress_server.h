@@ -36,7 +36,7 @@ struct ServerOptions {
   std::string address = "0.0.0.0:50051";         // gRPC listen address
   std::string metrics_address = "0.0.0.0:9464";  // /metrics; empty disables
   int worker_threads = 0;                        // layer jobs in parallel; 0: hardware threads
-  int backend_threads = 0;                       // CPU backend threads; 0: hardware threads
+  int backend_threads = 0;  // CPU backend threads; 0: hardware threads / worker_threads
   ServerLimits limits;
   uint64_t max_buffered_bytes = 0;  // server-wide request buffer budget; 0: half of RAM
   uint64_t stream_buffer_bytes = uint64_t{512} << 20;  // per stream, before reads pause

@@ -32,7 +32,9 @@ ABSL_FLAG(std::string, address, "0.0.0.0:50051",
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9464",
           "Prometheus /metrics listen address (host:port; port 0 picks one; empty disables)");
 ABSL_FLAG(int, worker_threads, 0, "layer jobs compressed in parallel (0: hardware threads)");
-ABSL_FLAG(int, backend_threads, 0, "threads of the CPU backend (0: hardware threads)");
+ABSL_FLAG(int, backend_threads, 0,
+          "threads of the CPU backend, shared by all layer jobs (0: hardware threads divided "
+          "by --worker_threads, at least 1)");
 ABSL_FLAG(uint64_t, max_request_bytes, kDefaultLimits.max_request_bytes,
           "most tensor bytes one Compress stream may announce");
 ABSL_FLAG(uint64_t, max_tokens, kDefaultLimits.max_tokens, "most tokens per sequence");
