@@ -1,0 +1,518 @@
+// The CUDA backend against the CPU reference backend on random configurations: identical kept
+// sets (except genuine near-ties at the selection boundary, which the CPU's fp64 scores detect
+// and which are counted and capped), rows byte-identical to the input rows they claim, the
+// same counts and offsets, and attention_mass_kept within 1e-4.
+//
+// Skips (GTEST_SKIP) when the build has no CUDA or cudaGetDeviceCount reports no device.
+// The SmallConfigs suite (T ≤ 2048) is the subset run under compute-sanitizer.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/backend.h"
+#include "kernels/cache_geometry.h"
+#include "kernels/cuda_backend.h"
+#include "kernels/dtype.h"
+#include "kernels/method_spec.h"
+
+namespace kvcompress {
+namespace {
+
+// Counts over every configuration, printed at the end.
+struct Totals {
+  int64_t configs = 0;
+  int64_t heads = 0;
+  int64_t near_ties = 0;
+  int64_t kept_rows = 0;
+};
+Totals& GlobalTotals() {
+  static Totals totals;
+  return totals;
+}
+
+uint64_t SplitMix(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// `count` values of about normal(0, 1) in `dtype`, none zero.
+std::vector<std::byte> RandomTensor(size_t count, DType dtype, uint64_t seed, float scale) {
+  std::vector<std::byte> out(count * DTypeSize(dtype));
+  uint64_t state = seed * 0x2545f4914f6cdd1dull + 1;
+  for (size_t i = 0; i < count; i += 2) {
+    const uint64_t bits = SplitMix(state);
+    const double u1 = (static_cast<double>(bits >> 40) + 1.0) / 16777217.0;
+    const double u2 = static_cast<double>((bits >> 16) & 0xffffff) / 16777216.0;
+    const double radius = std::sqrt(-2.0 * std::log(u1));
+    const float pair[2] = {static_cast<float>(radius * std::cos(6.283185307179586 * u2)) * scale,
+                           static_cast<float>(radius * std::sin(6.283185307179586 * u2)) * scale};
+    for (size_t k = 0; k < 2 && i + k < count; ++k) {
+      float value = pair[k];
+      if (value == 0.0f) value = 0.5f;
+      if (dtype == DType::kFloat32) {
+        std::memcpy(out.data() + (i + k) * 4, &value, 4);
+      } else {
+        uint16_t half = dtype == DType::kBFloat16 ? FloatToBFloat16(value) : FloatToFloat16(value);
+        if ((half & 0x7fff) == 0) half = dtype == DType::kBFloat16 ? 0x3f00 : 0x3800;  // 0.5
+        std::memcpy(out.data() + (i + k) * 2, &half, 2);
+      }
+    }
+  }
+  return out;
+}
+
+struct GpuCase {
+  std::string name;
+  DType dtype = DType::kBFloat16;
+  Layout layout = Layout::kHND;
+  int num_kv_heads = 2;
+  int group_size = 4;
+  int head_dim = 128;
+  std::vector<int64_t> tokens;  // one layer job per entry: a ragged batch
+  int queries_sent = 64;         // clamped to T per job
+  MethodSpec spec;
+  int64_t keep_tokens = 0;  // > 0: absolute budget, else spec.budget's ratio
+  bool keep_all_layer = false;
+  uint64_t seed = 1;
+};
+
+std::string CaseName(const GpuCase& c) {
+  std::string scorer(ScorerName(c.spec.scorer));
+  std::string name = absl::StrCat(scorer, "_", std::string(DTypeName(c.dtype)), "_",
+                                  c.layout == Layout::kHND ? "HND" : "NHD", "_h", c.num_kv_heads,
+                                  "g", c.group_size, "d", c.head_dim, "_T");
+  for (size_t i = 0; i < c.tokens.size(); ++i) absl::StrAppend(&name, i ? "x" : "", c.tokens[i]);
+  absl::StrAppend(&name, "_w", c.queries_sent, "_s", c.seed);
+  return name;
+}
+
+// A random configuration; `small` keeps T ≤ 2048 (the compute-sanitizer subset).
+GpuCase RandomCase(int index, bool small) {
+  std::mt19937 rng(1000 + index * 7919 + (small ? 0 : 500000));
+  const auto pick = [&](auto... values) {
+    const std::vector<std::common_type_t<decltype(values)...>> options{values...};
+    return options[std::uniform_int_distribution<size_t>(0, options.size() - 1)(rng)];
+  };
+  const auto pick64 = [&](std::initializer_list<int64_t> values) {
+    const std::vector<int64_t> options(values);
+    return options[std::uniform_int_distribution<size_t>(0, options.size() - 1)(rng)];
+  };
+  GpuCase c;
+  c.seed = static_cast<uint64_t>(index) + (small ? 1 : 100000);
+  c.dtype = pick(DType::kFloat16, DType::kBFloat16, DType::kFloat32);
+  c.layout = pick(Layout::kHND, Layout::kNHD);
+  c.group_size = pick(1, 4, 8);
+  c.head_dim = pick(64, 128, 256);
+  c.num_kv_heads = pick(1, 2, 3);
+  const int64_t tokens = small ? pick64({1, 2, 7, 31, 63, 64, 65, 97, 127, 128, 257, 509, 1000,
+                                          1021, 2048})
+                               : pick64({4093, 4096, 10007, 16384, 32768});
+  c.tokens = {tokens};
+  if (index % 5 == 4) c.tokens.push_back(std::max<int64_t>(1, tokens / 3 + 1));  // ragged batch
+  c.queries_sent = pick(1, 8, 17, 64, 70);
+  MethodSpec& spec = c.spec;
+  spec.scorer = pick(ScorerKind::kSnapKv, ScorerKind::kSnapKv, ScorerKind::kKnorm,
+                     ScorerKind::kStreaming);
+  spec.snapkv.window_size = pick(64, 64, 16, 128);
+  spec.snapkv.kernel_size = pick(1, 3, 5, 5, 7);
+  spec.snapkv.pooling = pick(Pooling::kAvg, Pooling::kAvg, Pooling::kMax);
+  spec.snapkv.group_reduction = pick(GroupReduction::kMean, GroupReduction::kMax,
+                                     GroupReduction::kSum);
+  spec.streaming.sinks = pick(0, 4, 4, 9);
+  spec.protect_sinks = pick(0, 0, 2, 5);
+  spec.protect_recent = pick(0, 0, 3, 32);
+  spec.budget.use_ratio = true;
+  spec.budget.keep_ratio = pick(0.1, 0.1, 0.25, 0.5, 0.9, 1.0);
+  if (index % 7 == 3) c.keep_tokens = tokens + pick64({0, 5});  // n ≥ T
+  if (index % 11 == 5) c.keep_all_layer = true;
+  if (spec.scorer != ScorerKind::kSnapKv && index % 3 == 0) c.queries_sent = 0;
+  c.name = CaseName(c);
+  return c;
+}
+
+std::vector<GpuCase> SmallCases() {
+  std::vector<GpuCase> cases;
+  for (int i = 0; i < 44; ++i) cases.push_back(RandomCase(i, true));
+  // Edge cases named explicitly: T = 1, T ≤ W, n ≥ T, T prime with every scorer.
+  GpuCase one;
+  one.tokens = {1};
+  one.queries_sent = 1;
+  one.name = "snapkv_T1";
+  cases.push_back(one);
+  GpuCase window_covers;
+  window_covers.tokens = {40};
+  window_covers.queries_sent = 40;
+  window_covers.spec.budget.keep_ratio = 0.5;
+  window_covers.name = "snapkv_T_le_W";
+  cases.push_back(window_covers);
+  GpuCase keep_more;
+  keep_more.tokens = {300};
+  keep_more.keep_tokens = 5000;
+  keep_more.name = "snapkv_n_ge_T";
+  cases.push_back(keep_more);
+  for (ScorerKind scorer : {ScorerKind::kSnapKv, ScorerKind::kKnorm, ScorerKind::kStreaming}) {
+    GpuCase prime;
+    prime.tokens = {1999};
+    prime.spec.scorer = scorer;
+    prime.spec.budget.keep_ratio = 0.1;
+    prime.spec.protect_sinks = 3;
+    prime.name = absl::StrCat(std::string(ScorerName(scorer)), "_T_prime_1999");
+    cases.push_back(prime);
+  }
+  return cases;
+}
+
+std::vector<GpuCase> LargeCases() {
+  std::vector<GpuCase> cases;
+  for (int i = 0; i < 8; ++i) cases.push_back(RandomCase(i, false));
+  // Llama-3.1-8B-like heads at 128K tokens (two KV heads to keep the fp64 reference quick).
+  GpuCase snapkv;
+  snapkv.dtype = DType::kBFloat16;
+  snapkv.num_kv_heads = 2;
+  snapkv.group_size = 4;
+  snapkv.tokens = {131072};
+  snapkv.spec.budget.keep_ratio = 0.1;
+  snapkv.name = "snapkv_bf16_llama_T128K";
+  cases.push_back(snapkv);
+  GpuCase knorm = snapkv;
+  knorm.dtype = DType::kFloat16;
+  knorm.layout = Layout::kNHD;
+  knorm.head_dim = 64;
+  knorm.spec.scorer = ScorerKind::kKnorm;
+  knorm.queries_sent = 0;
+  knorm.name = "knorm_fp16_NHD_T128K";
+  cases.push_back(knorm);
+  GpuCase streaming = snapkv;
+  streaming.spec.scorer = ScorerKind::kStreaming;
+  streaming.spec.protect_recent = 100;
+  streaming.queries_sent = 0;
+  streaming.name = "streaming_bf16_T128K";
+  cases.push_back(streaming);
+  GpuCase mass = snapkv;
+  mass.tokens = {32768};
+  mass.group_size = 8;
+  mass.dtype = DType::kFloat32;
+  mass.name = "snapkv_fp32_g8_T32K";
+  cases.push_back(mass);
+  return cases;
+}
+
+class CudaBackendTest : public ::testing::TestWithParam<GpuCase> {
+ protected:
+  static void SetUpTestSuite() {
+    absl::StatusOr<std::unique_ptr<Backend>> backend = MakeCudaBackend(CudaBackendOptions{});
+    if (backend.ok()) {
+      cuda_ = backend->release();
+      cpu_ = MakeCpuBackend(0).release();
+    } else {
+      skip_reason_ = new std::string(backend.status().ToString());
+    }
+  }
+  static void TearDownTestSuite() {
+    delete cuda_;
+    delete cpu_;
+    cuda_ = nullptr;
+    cpu_ = nullptr;
+    const Totals& totals = GlobalTotals();
+    if (totals.configs > 0) {
+      std::printf("[gpu totals] configs %lld, heads %lld, kept rows %lld, near-tie swaps %lld\n",
+                  static_cast<long long>(totals.configs), static_cast<long long>(totals.heads),
+                  static_cast<long long>(totals.kept_rows),
+                  static_cast<long long>(totals.near_ties));
+    }
+  }
+  void SetUp() override {
+    if (cuda_ == nullptr) {
+      GTEST_SKIP() << "no CUDA backend: " << (skip_reason_ ? *skip_reason_ : "");
+    }
+  }
+
+  static Backend* cuda_;
+  static Backend* cpu_;
+  static std::string* skip_reason_;
+};
+
+Backend* CudaBackendTest::cuda_ = nullptr;
+Backend* CudaBackendTest::cpu_ = nullptr;
+std::string* CudaBackendTest::skip_reason_ = nullptr;
+
+// The rank order of the CPU's selection: whether (a, pa) is preferred to (b, pb).
+bool Before(float a, int64_t pa, float b, int64_t pb) {
+  a = std::isnan(a) ? -INFINITY : a;
+  b = std::isnan(b) ? -INFINITY : b;
+  return a > b || (a == b && pa < pb);
+}
+
+TEST_P(CudaBackendTest, MatchesCpuReference) {
+  const GpuCase& c = GetParam();
+  CacheGeometry geometry;
+  geometry.num_layers = static_cast<int>(c.tokens.size());
+  geometry.num_kv_heads = c.num_kv_heads;
+  geometry.num_query_heads = c.num_kv_heads * c.group_size;
+  geometry.head_dim = c.head_dim;
+  geometry.dtype = c.dtype;
+  geometry.layout = c.layout;
+  ASSERT_TRUE(ValidateMethodSpec(c.spec, geometry).ok());
+
+  std::vector<LayerInput> inputs;
+  std::vector<LayerJob> jobs;
+  for (size_t i = 0; i < c.tokens.size(); ++i) {
+    const int64_t num_tokens = c.tokens[i];
+    LayerInput input;
+    input.sequence = static_cast<int>(i);
+    input.layer = static_cast<int>(i);
+    input.shape.num_tokens = num_tokens;
+    input.shape.num_window_queries = static_cast<int>(std::min<int64_t>(c.queries_sent, num_tokens));
+    const size_t kv_elements = static_cast<size_t>(c.num_kv_heads) * num_tokens * c.head_dim;
+    input.keys = RandomTensor(kv_elements, c.dtype, c.seed * 3 + i * 101, 1.0f);
+    input.values = RandomTensor(kv_elements, c.dtype, c.seed * 5 + i * 103, 1.0f);
+    // Larger queries give peaked attention, as real models do.
+    input.queries = RandomTensor(static_cast<size_t>(geometry.num_query_heads) *
+                                     input.shape.num_window_queries * c.head_dim,
+                                 c.dtype, c.seed * 7 + i * 107, 2.0f);
+    inputs.push_back(std::move(input));
+  }
+  for (const LayerInput& input : inputs) {
+    LayerJob job;
+    job.sequence = input.sequence;
+    job.layer = input.layer;
+    job.input = input.view();
+    const int64_t num_tokens = input.shape.num_tokens;
+    const int64_t n = c.keep_tokens > 0 ? std::min(c.keep_tokens, num_tokens)
+                                        : TokensToKeep(c.spec.budget, num_tokens);
+    job.tokens_per_head = n;
+    job.keep_all = c.keep_all_layer || c.keep_tokens >= num_tokens;
+    jobs.push_back(job);
+  }
+
+  std::vector<LayerResult> cpu_results(jobs.size());
+  std::vector<LayerResult> gpu_results(jobs.size());
+  ASSERT_TRUE(cpu_->CompressLayers(geometry, c.spec, jobs, cpu_results).ok());
+  const absl::Status gpu_status = cuda_->CompressLayers(geometry, c.spec, jobs, gpu_results);
+  ASSERT_TRUE(gpu_status.ok()) << gpu_status;
+
+  std::vector<LayerScores> cpu_scores;  // computed on the first mismatch only
+  const size_t row_bytes = static_cast<size_t>(c.head_dim) * DTypeSize(c.dtype);
+  int64_t near_ties = 0;
+  int64_t kept_rows = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("job ", i, " T=", inputs[i].shape.num_tokens));
+    const LayerResult& cpu = cpu_results[i];
+    const LayerResult& gpu = gpu_results[i];
+    ASSERT_EQ(gpu.sequence, cpu.sequence);
+    ASSERT_EQ(gpu.layer, cpu.layer);
+    ASSERT_EQ(gpu.kept, cpu.kept);
+    ASSERT_EQ(gpu.offsets, cpu.offsets);
+    ASSERT_EQ(gpu.positions.size(), cpu.positions.size());
+    ASSERT_EQ(gpu.keys.size(), cpu.keys.size());
+    ASSERT_EQ(gpu.values.size(), cpu.values.size());
+    if (cpu.attention_mass_kept < 0 || jobs[i].keep_all) {
+      EXPECT_EQ(gpu.attention_mass_kept, cpu.attention_mass_kept);
+    } else {
+      EXPECT_NEAR(gpu.attention_mass_kept, cpu.attention_mass_kept, 1e-4);
+    }
+    const int64_t num_tokens = inputs[i].shape.num_tokens;
+    for (int h = 0; h < c.num_kv_heads; ++h) {
+      SCOPED_TRACE(absl::StrCat("head ", h));
+      const auto first = cpu.positions.begin() + cpu.offsets[h];
+      const auto last = cpu.positions.begin() + cpu.offsets[h + 1];
+      const std::vector<int32_t> cpu_kept(first, last);
+      const std::vector<int32_t> gpu_kept(gpu.positions.begin() + gpu.offsets[h],
+                                          gpu.positions.begin() + gpu.offsets[h + 1]);
+      kept_rows += static_cast<int64_t>(gpu_kept.size());
+      ASSERT_TRUE(std::is_sorted(gpu_kept.begin(), gpu_kept.end()));
+      ASSERT_TRUE(std::adjacent_find(gpu_kept.begin(), gpu_kept.end()) == gpu_kept.end());
+      // Every gathered row equals, byte for byte, the input row at its position.
+      for (size_t r = 0; r < gpu_kept.size(); ++r) {
+        const int32_t position = gpu_kept[r];
+        ASSERT_GE(position, 0);
+        ASSERT_LT(position, num_tokens);
+        const size_t source =
+            KeyValueRowOffset(c.layout, c.num_kv_heads, num_tokens, c.head_dim, h, position) *
+            DTypeSize(c.dtype);
+        const size_t target = (static_cast<size_t>(gpu.offsets[h]) + r) * row_bytes;
+        ASSERT_EQ(std::memcmp(gpu.keys.data() + target, inputs[i].keys.data() + source, row_bytes), 0)
+            << "key row " << r << " (position " << position << ")";
+        ASSERT_EQ(
+            std::memcmp(gpu.values.data() + target, inputs[i].values.data() + source, row_bytes), 0)
+            << "value row " << r << " (position " << position << ")";
+      }
+      if (gpu_kept == cpu_kept) continue;
+
+      // Differences must be near-ties at the CPU's selection boundary.
+      if (cpu_scores.empty()) {
+        cpu_scores.resize(jobs.size());
+        ASSERT_TRUE(cpu_->ScoreLayers(geometry, c.spec, jobs, cpu_scores).ok());
+      }
+      const float* scores = cpu_scores[i].scores.data() + static_cast<size_t>(h) * num_tokens;
+      // The boundary: the worst-ranked token the CPU kept.
+      int32_t boundary = cpu_kept.front();
+      for (int32_t p : cpu_kept) {
+        if (Before(scores[boundary], boundary, scores[p], p)) boundary = p;
+      }
+      const float boundary_score = scores[boundary];
+      std::vector<int32_t> differing;
+      std::set_symmetric_difference(cpu_kept.begin(), cpu_kept.end(), gpu_kept.begin(),
+                                    gpu_kept.end(), std::back_inserter(differing));
+      for (int32_t p : differing) {
+        const float score = scores[p];
+        const bool near = std::isfinite(boundary_score) && std::isfinite(score) &&
+                          std::fabs(score - boundary_score) <=
+                              1e-5f * std::max(std::fabs(boundary_score), 1e-30f);
+        EXPECT_TRUE(near) << "position " << p << " (cpu score " << score << ") differs; boundary "
+                          << boundary << " scores " << boundary_score << "; " << differing.size()
+                          << " differing of " << cpu_kept.size();
+        if (!near) break;
+      }
+      near_ties += static_cast<int64_t>(differing.size()) / 2;
+      EXPECT_LE(static_cast<int64_t>(differing.size()) / 2,
+                std::max<int64_t>(2, static_cast<int64_t>(cpu_kept.size()) / 500))
+          << "too many near-tie swaps";
+    }
+  }
+  Totals& totals = GlobalTotals();
+  totals.configs += 1;
+  totals.heads += static_cast<int64_t>(jobs.size()) * c.num_kv_heads;
+  totals.near_ties += near_ties;
+  totals.kept_rows += kept_rows;
+  if (near_ties > 0) std::printf("[gpu near-ties] %s: %lld\n", c.name.c_str(), (long long)near_ties);
+}
+
+TEST_P(CudaBackendTest, ScoresMatchCpuReference) {
+  const GpuCase& c = GetParam();
+  if (c.tokens.front() > 40000) GTEST_SKIP() << "covered by MatchesCpuReference";
+  CacheGeometry geometry;
+  geometry.num_layers = 1;
+  geometry.num_kv_heads = c.num_kv_heads;
+  geometry.num_query_heads = c.num_kv_heads * c.group_size;
+  geometry.head_dim = c.head_dim;
+  geometry.dtype = c.dtype;
+  geometry.layout = c.layout;
+  const int64_t num_tokens = c.tokens.front();
+  LayerInput input;
+  input.shape.num_tokens = num_tokens;
+  input.shape.num_window_queries = static_cast<int>(std::min<int64_t>(c.queries_sent, num_tokens));
+  if (c.spec.scorer == ScorerKind::kSnapKv && input.shape.num_window_queries == 0) {
+    input.shape.num_window_queries = 1;
+  }
+  const size_t kv_elements = static_cast<size_t>(c.num_kv_heads) * num_tokens * c.head_dim;
+  input.keys = RandomTensor(kv_elements, c.dtype, c.seed * 11, 1.0f);
+  input.values = RandomTensor(kv_elements, c.dtype, c.seed * 13, 1.0f);
+  input.queries = RandomTensor(static_cast<size_t>(geometry.num_query_heads) *
+                                   input.shape.num_window_queries * c.head_dim,
+                               c.dtype, c.seed * 17, 2.0f);
+  LayerJob job;
+  job.input = input.view();
+  job.tokens_per_head = 1;
+  std::vector<LayerScores> cpu(1);
+  std::vector<LayerScores> gpu(1);
+  ASSERT_TRUE(cpu_->ScoreLayers(geometry, c.spec, {&job, 1}, cpu).ok());
+  const absl::Status status = cuda_->ScoreLayers(geometry, c.spec, {&job, 1}, gpu);
+  ASSERT_TRUE(status.ok()) << status;
+  ASSERT_EQ(gpu[0].scores.size(), cpu[0].scores.size());
+  double worst = 0;
+  for (size_t j = 0; j < cpu[0].scores.size(); ++j) {
+    const float a = cpu[0].scores[j];
+    const float b = gpu[0].scores[j];
+    if (std::isinf(a) || std::isinf(b)) {
+      ASSERT_EQ(a, b) << "token " << j;
+      continue;
+    }
+    if (c.spec.scorer != ScorerKind::kSnapKv) {
+      ASSERT_EQ(a, b) << "token " << j << ": knorm and streaming scores are exact";
+      continue;
+    }
+    const double relative = std::fabs(static_cast<double>(a) - b) /
+                            std::max(std::fabs(static_cast<double>(a)), 1e-30);
+    worst = std::max(worst, relative);
+  }
+  EXPECT_LT(worst, 2e-5) << "worst relative score error";
+  RecordProperty("worst_relative_error", absl::StrCat(worst));
+}
+
+INSTANTIATE_TEST_SUITE_P(SmallConfigs, CudaBackendTest, ::testing::ValuesIn(SmallCases()),
+                         [](const ::testing::TestParamInfo<GpuCase>& info) {
+                           return absl::StrCat(info.index, "_", info.param.name);
+                         });
+INSTANTIATE_TEST_SUITE_P(LargeConfigs, CudaBackendTest, ::testing::ValuesIn(LargeCases()),
+                         [](const ::testing::TestParamInfo<GpuCase>& info) {
+                           return absl::StrCat(info.index, "_", info.param.name);
+                         });
+
+class CudaBackendContractTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Backend>> backend = MakeCudaBackend(CudaBackendOptions{});
+    if (!backend.ok()) {
+      EXPECT_TRUE(absl::IsFailedPrecondition(backend.status()) ||
+                  absl::IsUnimplemented(backend.status()))
+          << backend.status();
+      GTEST_SKIP() << "no CUDA backend: " << backend.status();
+    }
+    backend_ = *std::move(backend);
+  }
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_F(CudaBackendContractTest, NameIsCuda) { EXPECT_EQ(backend_->name(), "cuda"); }
+
+TEST_F(CudaBackendContractTest, UnsupportedStagesAreUnimplementedByName) {
+  CacheGeometry geometry{1, 2, 8, 128, DType::kBFloat16, Layout::kHND};
+  std::vector<LayerJob> none;
+  std::vector<LayerResult> results;
+  MethodSpec spec;
+  spec.scorer = ScorerKind::kTova;
+  absl::Status status = backend_->CompressLayers(geometry, spec, none, results);
+  EXPECT_TRUE(absl::IsUnimplemented(status)) << status;
+  EXPECT_NE(status.message().find("scorer tova"), std::string::npos) << status;
+  spec = MethodSpec{};
+  spec.head_budget = HeadBudgetKind::kAdaptive;
+  status = backend_->CompressLayers(geometry, spec, none, results);
+  EXPECT_NE(status.message().find("head budget adaptive"), std::string::npos) << status;
+  spec = MethodSpec{};
+  spec.reducer = ReducerKind::kMergeSimilar;
+  status = backend_->CompressLayers(geometry, spec, none, results);
+  EXPECT_NE(status.message().find("reducer merge_similar"), std::string::npos) << status;
+  geometry.head_dim = 96;
+  status = backend_->CompressLayers(geometry, MethodSpec{}, none, results);
+  EXPECT_TRUE(absl::IsUnimplemented(status)) << status;
+  EXPECT_NE(status.message().find("head_dim 96"), std::string::npos) << status;
+}
+
+TEST_F(CudaBackendContractTest, MemoryBudgetAnswersResourceExhausted) {
+  CudaBackendOptions options;
+  options.memory_budget_bytes = size_t{1} << 20;
+  absl::StatusOr<std::unique_ptr<Backend>> small = MakeCudaBackend(options);
+  ASSERT_TRUE(small.ok()) << small.status();
+  CacheGeometry geometry{1, 2, 8, 128, DType::kBFloat16, Layout::kHND};
+  LayerInput input;
+  input.shape.num_tokens = 8192;  // 4 MiB of keys alone
+  input.shape.num_window_queries = 8;
+  input.keys = RandomTensor(2 * 8192 * 128, DType::kBFloat16, 1, 1.0f);
+  input.values = input.keys;
+  input.queries = RandomTensor(8 * 8 * 128, DType::kBFloat16, 2, 1.0f);
+  LayerJob job;
+  job.input = input.view();
+  job.tokens_per_head = 100;
+  std::vector<LayerResult> results(1);
+  const absl::Status status = (*small)->CompressLayers(geometry, MethodSpec{}, {&job, 1}, results);
+  EXPECT_TRUE(absl::IsResourceExhausted(status)) << status;
+  // The backend stays usable for batches that fit.
+  input.shape.num_tokens = 256;
+  input.keys.resize(2 * 256 * 128 * 2);
+  input.values = input.keys;
+  job.input = input.view();
+  EXPECT_TRUE((*small)->CompressLayers(geometry, MethodSpec{}, {&job, 1}, results).ok());
+  EXPECT_EQ(results[0].kept, std::vector<int32_t>({100, 100}));
+}
+
+}  // namespace
+}  // namespace kvcompress
