@@ -23,7 +23,10 @@ __global__ void __launch_bounds__(kGatherThreads) GatherKernel(const GatherParam
   for (int index = threadIdx.x; index < rows * chunks; index += blockDim.x) {
     const int row = index >> chunk_shift;
     const int chunk = index & (chunks - 1);
-    const int64_t position = positions[row];
+    // Positions come from the compaction; clamping keeps a selection bug from reading out of
+    // bounds (the tests compare every row with the input row at its position).
+    const int64_t position = min(max(static_cast<int64_t>(positions[row]), int64_t{0}),
+                                 segment.num_tokens - 1);
     const size_t source =
         RowElementOffset(shape.layout, shape.num_kv_heads, segment.num_tokens, shape.head_dim,
                          segment.head, position) *
