@@ -127,8 +127,10 @@ struct Timing {
   double gather_ms = 0;
 };
 
+// Median over `repeats` calls (after two warm-ups); call i runs job set i mod |job_sets|, so
+// that single layers rotate through different data instead of timing the L2.
 Timing TimeCompress(CudaCompressor& compressor, const CacheGeometry& geometry,
-                    const MethodSpec& spec, const std::vector<DeviceLayerJob>& jobs,
+                    const MethodSpec& spec, const std::vector<std::vector<DeviceLayerJob>>& job_sets,
                     cudaStream_t stream, int repeats) {
   cudaEvent_t start, stop;
   StageEvents stages;
@@ -141,7 +143,7 @@ Timing TimeCompress(CudaCompressor& compressor, const CacheGeometry& geometry,
   for (int i = 0; i < repeats + 2; ++i) {
     BENCH_CHECK(cudaEventRecord(start, stream));
     absl::StatusOr<DeviceBatchResult> result =
-        compressor.Compress(geometry, spec, jobs, stream, &stages);
+        compressor.Compress(geometry, spec, job_sets[i % job_sets.size()], stream, &stages);
     if (!result.ok()) {
       std::fprintf(stderr, "Compress failed: %s\n", result.status().ToString().c_str());
       std::exit(1);
@@ -233,12 +235,14 @@ int Main(int argc, char** argv) {
         job.input.shape.num_window_queries = attention ? options.window : 0;
         job.tokens_per_head = TokensToKeep(spec.budget, tokens);
       }
-      const std::vector<DeviceLayerJob> one_layer(jobs.begin(), jobs.begin() + 1);
+      std::vector<std::vector<DeviceLayerJob>> single_layers;
+      for (const DeviceLayerJob& job : jobs) single_layers.push_back({job});
       Row row;
       row.tokens = tokens;
       row.method = method;
-      row.layer = TimeCompress(**compressor, geometry, spec, one_layer, stream, options.repeats * 2);
-      row.model = TimeCompress(**compressor, geometry, spec, jobs, stream, options.repeats);
+      row.layer =
+          TimeCompress(**compressor, geometry, spec, single_layers, stream, options.repeats * 3);
+      row.model = TimeCompress(**compressor, geometry, spec, {jobs}, stream, options.repeats);
       const double kept_rows =
           static_cast<double>(geometry.num_kv_heads) * TokensToKeep(spec.budget, tokens);
       double bytes = 4.0 * kept_rows * row_bytes;  // kept K and V rows, read and written
