@@ -389,6 +389,38 @@ TEST_F(CompressionPipelineTest, DynamicConcurrentAddsReturnEveryLayerOnce) {
   EXPECT_EQ(returned, expected);
 }
 
+// KVMerger's own choice, layers 0, 1 and L − 1 unmerged, is skip_layers = {0, 1, L − 1}:
+// those layers come back whole (one token per row), the others merged within their budget.
+TEST_F(CompressionPipelineTest, MergeSimilarWithThePapersSkippedLayers) {
+  MethodSpec spec;
+  spec.snapkv.window_size = 16;
+  spec.budget.keep_ratio = 0.3;
+  spec.reducer = ReducerKind::kMergeSimilar;
+  spec.skip_layers = {0, 1, 3};
+  auto pipeline = MakePipeline(spec, {{257, 16, 0}});
+  ASSERT_NE(pipeline, nullptr);
+  for (int layer = 0; layer < 4; ++layer) {
+    auto results =
+        pipeline->AddLayer(testing::MakeRunLayer(geometry_, 257, 16, 70 + layer, 0, layer));
+    ASSERT_TRUE(results.ok()) << results.status();
+    const LayerResult& result = (*results)[0];
+    ASSERT_EQ(result.merged.size(), result.positions.size());
+    if (layer != 2) {
+      EXPECT_EQ(result.kept, std::vector<int32_t>({257, 257})) << "layer " << layer;
+      EXPECT_EQ(result.merged, std::vector<int32_t>(2 * 257, 1));
+      continue;
+    }
+    int32_t largest = 0;
+    for (int head = 0; head < 2; ++head) {
+      EXPECT_LE(result.kept[head], 77);  // ⌊0.3 · 257⌋
+      for (int32_t row = result.offsets[head]; row < result.offsets[head + 1]; ++row) {
+        largest = std::max(largest, result.merged[row]);
+      }
+    }
+    EXPECT_GT(largest, 1);
+  }
+}
+
 TEST_F(CompressionPipelineTest, RejectsBadIndicesShapesSizesAndDuplicates) {
   auto pipeline = MakePipeline(KnormSpec(0.5), {{100, 4, 0}});
   ASSERT_NE(pipeline, nullptr);
