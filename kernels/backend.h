@@ -61,6 +61,10 @@ class Backend {
                                       std::span<const LayerJob> jobs,
                                       std::span<LayerResult> results) = 0;
 
+  // Whether CompressLayers honours LayerJob::precomputed_scores. A backend that does not
+  // (the default) may reject jobs that carry them; callers then leave them null.
+  virtual bool AcceptsPrecomputedScores() const { return false; }
+
   // Scores only (for cross-layer budget policies); scores[i] receives jobs[i]'s scores.
   virtual absl::Status ScoreLayers(const CacheGeometry& geometry, const MethodSpec& spec,
                                    std::span<const LayerJob> jobs,

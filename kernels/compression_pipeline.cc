@@ -241,7 +241,9 @@ absl::StatusOr<std::vector<LayerResult>> CompressionPipeline::HoldOrFinish(Layer
     job.layer = l;
     job.input = complete[l]->input.view();
     // Scores from the allocation are the scorer's own when the scorer is snapkv.
-    if (spec_.scorer == ScorerKind::kSnapKv) job.precomputed_scores = complete[l]->scores.data();
+    if (spec_.scorer == ScorerKind::kSnapKv && backend_->AcceptsPrecomputedScores()) {
+      job.precomputed_scores = complete[l]->scores.data();
+    }
     jobs.push_back(job);
   }
   const std::vector<int64_t> budgets = internal::DynamicPrefixBudgets(allocation);

@@ -101,6 +101,8 @@ class CpuBackend final : public Backend {
 
   std::string_view name() const override { return "cpu"; }
 
+  bool AcceptsPrecomputedScores() const override { return true; }
+
   absl::Status CompressLayers(const CacheGeometry& geometry, const MethodSpec& spec,
                               std::span<const LayerJob> jobs,
                               std::span<LayerResult> results) override;

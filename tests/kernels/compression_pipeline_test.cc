@@ -350,7 +350,23 @@ TEST_F(CompressionPipelineTest, DynamicBackendFailureConsumesNothing) {
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kInternal);
   auto retried = pipeline->AddLayer(DynamicLayer(geometry_, 0, 3));
   ASSERT_TRUE(retried.ok()) << retried.status();
-  EXPECT_EQ(retried->size(), 4u);
+  ASSERT_EQ(retried->size(), 4u);
+  // This backend takes no precomputed scores, so it scored the layers again: the same
+  // results as the CPU backend, which reuses the allocation's scores.
+  EXPECT_FALSE(flaky.AcceptsPrecomputedScores());
+  EXPECT_TRUE(backend_->AcceptsPrecomputedScores());
+  auto cpu_pipeline = MakePipeline(DynamicSpec(), {{kDynamicTokens, kDynamicWindow, 0}});
+  ASSERT_NE(cpu_pipeline, nullptr);
+  std::vector<LayerResult> cpu_results;
+  for (int layer = 0; layer < 4; ++layer) {
+    auto added = cpu_pipeline->AddLayer(DynamicLayer(geometry_, 0, layer));
+    ASSERT_TRUE(added.ok()) << added.status();
+    for (LayerResult& result : *added) cpu_results.push_back(std::move(result));
+  }
+  ASSERT_EQ(cpu_results.size(), 4u);
+  for (const LayerResult& result : *retried) {
+    EXPECT_EQ(result.positions, cpu_results[result.layer].positions) << "layer " << result.layer;
+  }
   auto again = pipeline->AddLayer(DynamicLayer(geometry_, 0, 3));
   EXPECT_NE(again.status().message().find("added twice"), std::string::npos) << again.status();
 }
