@@ -183,6 +183,28 @@ def test_server_errors_carry_code_and_message(client):
     assert "keep_ratio" in e.value.message
 
 
+def test_server_error_while_sender_is_blocked(client):
+    t = 9000  # 8 layers of 2 × 9.2 MB: more than the SDK buffers ahead of gRPC
+    k = np.zeros((H, t, 128), dtype=np.float32)
+    with pytest.raises(kc.KvcError) as e:
+        client.compress([(k, k)] * 8, method=kc.Method.knorm(), keep_ratio=1.5)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_context_cancels_on_exception(client):
+    x = make_layers(50, seed=12, layers=2)
+    with pytest.raises(RuntimeError):
+        with client.stream(num_layers=2, num_kv_heads=H, num_query_heads=HQ, head_dim=D,
+                           dtype="fp32", num_tokens=50, method=kc.Method.snapkv(window=W),
+                           keep_ratio=0.5) as s:
+            s.send_layer(0, x[0].keys, x[0].values, x[0].queries)
+            raise RuntimeError("prefill failed")
+    with pytest.raises(kc.KvcError) as e:
+        list(s.results())
+    assert e.value.code == grpc.StatusCode.CANCELLED
+    assert client.health() == "SERVING"
+
+
 def test_client_side_validation(client):
     x = make_layers(50, seed=10)[0]
     s = client.stream(num_layers=1, num_kv_heads=H, num_query_heads=HQ, head_dim=D,

@@ -557,7 +557,8 @@ class Client:
                 out[result.sequence][result.layer] = result
         except KvcError:
             sender.join()
-            if sender_error:
+            # A sender stopped by the failed call reports CANCELLED; the call's error is the news.
+            if sender_error and getattr(sender_error[0], "code", None) != grpc.StatusCode.CANCELLED:
                 raise sender_error[0] from None
             raise
         sender.join()
