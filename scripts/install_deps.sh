@@ -10,7 +10,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libcivetweb-dev civetweb
   libgtest-dev libgmock-dev libbenchmark-dev
-  curl python3
+  curl python3 kubernetes-client
 )
 
 missing=()
