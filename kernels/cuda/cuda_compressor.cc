@@ -212,8 +212,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   if (static_cast<size_t>(max_shared_bytes_) > key_slice_bytes) {
     query_capacity = static_cast<int>((max_shared_bytes_ - key_slice_bytes) / (row_bytes + 12));
   }
-  query_capacity = std::min(query_capacity, 1024) / 8 * 8;
-  if (query_capacity < 8) {
+  query_capacity = std::min(query_capacity, 1024) / tiling.query_multiple * tiling.query_multiple;
+  if (query_capacity < tiling.query_multiple) {
     return absl::UnimplementedError(absl::StrCat(
         "head_dim ", head_dim, " ", std::string(DTypeName(geometry.dtype)), ": the device's ",
         max_shared_bytes_, " bytes of shared memory per block are too few for the cuda backend"));
@@ -243,7 +243,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     plan.needs_scores = scores_only || plan.kind == SegmentKind::kSelect;
     if (plan.attention) {
       plan.num_rows = group_size * plan.window;
-      const int padded_window = (plan.window + 7) / 8 * 8;
+      const int padded_window =
+          (plan.window + tiling.query_multiple - 1) / tiling.query_multiple * tiling.query_multiple;
       plan.qblock_rows = std::min(padded_window, query_capacity);
       plan.qblocks_per_member = (plan.window + plan.qblock_rows - 1) / plan.qblock_rows;
       plan.qblocks_per_item = std::max(1, query_capacity / plan.qblock_rows);

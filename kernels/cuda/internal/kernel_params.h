@@ -256,14 +256,17 @@ struct AttentionTiling {
   int rows_per_block;  // 8 warps
   int keys_per_tile;   // first pass K tile
   int stages;          // first pass K tile ring depth
+  int n_tiles;         // n8 tiles a warp computes at once (independent mma chains)
+  int query_multiple;  // second pass: query blocks are padded to a multiple of this
 };
 
 constexpr AttentionTiling AttentionTilingFor(DType dtype, int head_dim) {
   const bool is_float32 = dtype == DType::kFloat32;
   const int rows_per_warp = is_float32 ? 16 : 16 * (256 / head_dim);
   const int element_size = is_float32 ? 4 : 2;
-  return AttentionTiling{rows_per_warp, rows_per_warp * 8,
-                         16384 / (head_dim * element_size), is_float32 ? 2 : 4};
+  return AttentionTiling{rows_per_warp, rows_per_warp * 8, 16384 / (head_dim * element_size),
+                         is_float32 ? 2 : 4, is_float32 ? 1 : (head_dim == 64 ? 1 : 4),
+                         is_float32 ? 8 : (head_dim == 64 ? 8 : 32)};
 }
 
 inline constexpr int kAttentionThreads = 256;

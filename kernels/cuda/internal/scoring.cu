@@ -15,39 +15,60 @@ __device__ __forceinline__ bool IsProtected(const Protection& protection, int64_
   return token < protection.sinks || token >= num_tokens - protection.recent;
 }
 
+constexpr int kFinalizeTokens = 256;
+constexpr int kMaxPoolHalf = 511;  // kernel sizes up to 1023
+
 // score_j = reduce_g pool_k(mean_i A_gij) over prefix keys, fp64 from the fp32 column sums, in
-// the CPU reference's order of operations; window tokens +inf.
-__global__ void SnapKvFinalizeKernel(const SnapKvFinalizeParams params) {
+// the CPU reference's order of operations; window tokens +inf. A block scores 256 tokens:
+// member by member it stages the means its pooling windows need in shared memory.
+__global__ void __launch_bounds__(kFinalizeTokens)
+    SnapKvFinalizeKernel(const SnapKvFinalizeParams params) {
+  __shared__ double means[kFinalizeTokens + 2 * kMaxPoolHalf];
   const JobHead job_head = params.job_heads[blockIdx.y];
   const DeviceJob& job = params.jobs[job_head.job];
   const int64_t num_tokens = job.num_tokens;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (token >= num_tokens) return;
+  const int64_t first_token = static_cast<int64_t>(blockIdx.x) * kFinalizeTokens;
+  if (first_token >= num_tokens) return;
+  const int64_t token = first_token + threadIdx.x;
   const int64_t prefix = job.prefix;
-  float score = INFINITY;
-  if (token < prefix) {
-    const int group_size = params.shape.group_size;
-    const int blocks_per_member = job.qblocks_per_member;
-    const float* head_sums =
-        params.colsum + job.colsum_offset +
-        static_cast<int64_t>(job_head.head) * group_size * blocks_per_member * num_tokens;
-    const PoolingWindow pool = PoolingWindowAt(token, params.kernel_size, prefix);
-    const bool max_reduction = params.group_reduction == GroupReduction::kMax;
-    double reduced = max_reduction ? -INFINITY : 0.0;
+  const int half = params.kernel_size / 2;
+  const int64_t base = first_token - half;  // means[t - base] holds mean(t)
+  const int64_t stage_first = base > 0 ? base : 0;
+  const int64_t stage_end = min(first_token + kFinalizeTokens + half, prefix);
+  const int group_size = params.shape.group_size;
+  const int blocks_per_member = job.qblocks_per_member;
+  const float* head_sums =
+      params.colsum + job.colsum_offset +
+      static_cast<int64_t>(job_head.head) * group_size * blocks_per_member * num_tokens;
+  const bool max_reduction = params.group_reduction == GroupReduction::kMax;
+  double reduced = max_reduction ? -INFINITY : 0.0;
+  if (stage_first < stage_end) {
     for (int member = 0; member < group_size; ++member) {
-      double pooled = params.pooling == Pooling::kAvg ? 0.0 : -INFINITY;
-      for (int64_t t = pool.first; t <= pool.last; ++t) {
+      __syncthreads();  // the previous member's means are read
+      for (int64_t t = stage_first + threadIdx.x; t < stage_end; t += blockDim.x) {
         double sum = 0.0;
         for (int block = 0; block < blocks_per_member; ++block) {
           sum += head_sums[(static_cast<int64_t>(member) * blocks_per_member + block) * num_tokens +
                            t];
         }
-        const double mean = sum / job.window;
-        pooled = params.pooling == Pooling::kAvg ? pooled + mean : fmax(pooled, mean);
+        means[t - base] = sum / job.window;
       }
-      if (params.pooling == Pooling::kAvg) pooled /= params.kernel_size;
-      reduced = max_reduction ? fmax(reduced, pooled) : reduced + pooled;
+      __syncthreads();
+      if (token < prefix) {
+        const PoolingWindow pool = PoolingWindowAt(token, params.kernel_size, prefix);
+        double pooled = params.pooling == Pooling::kAvg ? 0.0 : -INFINITY;
+        for (int64_t t = pool.first; t <= pool.last; ++t) {
+          const double mean = means[t - base];
+          pooled = params.pooling == Pooling::kAvg ? pooled + mean : fmax(pooled, mean);
+        }
+        if (params.pooling == Pooling::kAvg) pooled /= params.kernel_size;
+        reduced = max_reduction ? fmax(reduced, pooled) : reduced + pooled;
+      }
     }
+  }
+  if (token >= num_tokens) return;
+  float score = INFINITY;
+  if (token < prefix) {
     const double divisor = params.group_reduction == GroupReduction::kMean ? group_size : 1.0;
     score = static_cast<float>(reduced / divisor);
   }
@@ -140,8 +161,8 @@ dim3 TokenGrid(int64_t max_tokens, int threads, int num_job_heads) {
 cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream) {
   if (num_job_heads == 0) return cudaSuccess;
-  SnapKvFinalizeKernel<<<TokenGrid(max_tokens, kScoreThreads, num_job_heads), kScoreThreads, 0,
-                         stream>>>(params);
+  SnapKvFinalizeKernel<<<TokenGrid(max_tokens, kFinalizeTokens, num_job_heads), kFinalizeTokens,
+                         0, stream>>>(params);
   return cudaGetLastError();
 }
 

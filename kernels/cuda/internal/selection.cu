@@ -39,9 +39,16 @@ __global__ void __launch_bounds__(kSelectThreads) RadixSelectPassKernel(const Se
   for (int bin = threadIdx.x; bin < bins; bin += blockDim.x) histogram[bin] = 0;
   __syncthreads();
   const float* scores = SegmentScores(params.scores, segment);
-  for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
-    const uint32_t key = SelectionKey(scores[token]);
-    if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & digit_mask], 1u);
+  // Warp-aggregated counting: scores crowd into few bins (the first pass sees only sign,
+  // exponent and 3 mantissa bits), so lanes with the same digit add once, through a leader.
+  const int lane = threadIdx.x & 31;
+  for (int64_t tile = item.begin; tile < item.end; tile += blockDim.x) {
+    const int64_t token = tile + threadIdx.x;
+    const uint32_t key = token < item.end ? SelectionKey(scores[token]) : 0u;
+    const bool counted = token < item.end && (key & mask) == prefix;
+    const uint32_t digit = counted ? (key >> shift) & digit_mask : 0xffffffffu;
+    const unsigned peers = __match_any_sync(0xffffffffu, digit);
+    if (counted && lane == __ffs(peers) - 1) atomicAdd(&histogram[digit], __popc(peers));
   }
   __syncthreads();
   uint32_t* global_histogram = params.histograms + static_cast<int64_t>(item.segment) * kRadixBins;

@@ -32,9 +32,12 @@ struct AttentionConfig {
   static constexpr int kKeysPerTile = kTiling.keys_per_tile;
   static constexpr int kStages = kTiling.stages;
   static constexpr int kKSteps = kD / 16;  // mma k-steps of 16-bit inputs
+  static constexpr int kNTiles = kTiling.n_tiles;
+  static constexpr int kQueryMultiple = kTiling.query_multiple;
   static constexpr int kTileChunks = kKeysPerTile * kChunks;
   using Tile = SwizzledTile<kChunks>;
-  static_assert(kKeysPerTile % 8 == 0, "key tiles hold whole n8 tiles");
+  static_assert(kKeysPerTile % (8 * kNTiles) == 0, "key tiles hold whole n8 tile groups");
+  static_assert(kQueryMultiple == 8 * kNTiles, "query blocks hold whole n8 tile groups");
   static_assert(kTileChunks * 16 == 16384, "a key tile is 16 KiB");
 };
 
@@ -100,7 +103,7 @@ __device__ __forceinline__ void MergeStats(float& max_a, float& sum_a, float max
 }
 
 template <DType kDType, int kHeadDim>
-__global__ void __launch_bounds__(kAttentionThreads)
+__global__ void __launch_bounds__(kAttentionThreads, 2)
     WindowStatsKernel(const WindowStatsParams params) {
   using Cfg = AttentionConfig<kDType, kHeadDim>;
   using Tile = typename Cfg::Tile;
@@ -192,50 +195,84 @@ __global__ void __launch_bounds__(kAttentionThreads)
     const int64_t tile_key0 = key_begin + static_cast<int64_t>(t) * Cfg::kKeysPerTile;
     const bool needs_mask =
         tile_key0 + Cfg::kKeysPerTile > prefix || tile_key0 + Cfg::kKeysPerTile > key_end;
-#pragma unroll 2
-    for (int nt = 0; nt < Cfg::kKeysPerTile / 8; ++nt) {
-      float acc[Cfg::kMTiles][4];
+    // kNTiles n8 tiles at once: kNTiles · kMTiles independent mma chains per warp.
+    for (int group = 0; group < Cfg::kKeysPerTile / (8 * Cfg::kNTiles); ++group) {
+      float acc[Cfg::kNTiles][Cfg::kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-        acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+      for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+          acc[nt][mt][0] = acc[nt][mt][1] = acc[nt][mt][2] = acc[nt][mt][3] = 0.0f;
+        }
       }
       if constexpr (Cfg::kIsFloat32) {
 #pragma unroll
-        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-          SimtTile<Cfg>(acc[mt], query_tile, warp * Cfg::kRowsPerWarp + mt * 16 + (lane >> 2),
-                        tile, nt * 8 + 2 * (lane & 3));
+        for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+          for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+            SimtTile<Cfg>(acc[nt][mt], query_tile,
+                          warp * Cfg::kRowsPerWarp + mt * 16 + (lane >> 2), tile,
+                          (group * Cfg::kNTiles + nt) * 8 + 2 * (lane & 3));
+          }
         }
       } else {
 #pragma unroll
         for (int ks = 0; ks < Cfg::kKSteps; ks += 2) {
-          uint32_t b[4];
-          LdMatrixX4(b, tile + Tile::Offset(nt * 8 + (lane & 7), ks * 2 + (lane >> 3)));
+          uint32_t b[Cfg::kNTiles][4];
 #pragma unroll
-          for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-            Mma16816<Cfg::kIsBFloat16>(acc[mt], query_fragments[mt][ks], b[0], b[1]);
-            Mma16816<Cfg::kIsBFloat16>(acc[mt], query_fragments[mt][ks + 1], b[2], b[3]);
+          for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+            LdMatrixX4(b[nt], tile + Tile::Offset((group * Cfg::kNTiles + nt) * 8 + (lane & 7),
+                                                  ks * 2 + (lane >> 3)));
+          }
+#pragma unroll
+          for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+            for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+              Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], query_fragments[mt][ks], b[nt][0], b[nt][1]);
+            }
+          }
+#pragma unroll
+          for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+            for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+              Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], query_fragments[mt][ks + 1], b[nt][2],
+                                         b[nt][3]);
+            }
           }
         }
       }
-      const int64_t key0 = tile_key0 + nt * 8 + 2 * (lane & 3);
+      const int64_t key0 = tile_key0 + group * Cfg::kNTiles * 8 + 2 * (lane & 3);
 #pragma unroll
       for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          float v0 = acc[mt][2 * half] * scale;
-          float v1 = acc[mt][2 * half + 1] * scale;
-          if (needs_mask) {
-            if (key0 > row_limit[mt][half] || key0 >= key_end) v0 = -INFINITY;
-            if (key0 + 1 > row_limit[mt][half] || key0 + 1 >= key_end) v1 = -INFINITY;
+          float v[Cfg::kNTiles][2];
+          float group_max = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float x = acc[nt][mt][2 * half + e] * scale;
+              if (needs_mask) {
+                const int64_t key = key0 + nt * 8 + e;
+                if (key > row_limit[mt][half] || key >= key_end) x = -INFINITY;
+              }
+              v[nt][e] = x;
+              group_max = fmaxf(group_max, x);
+            }
           }
-          const float tile_max = fmaxf(v0, v1);
           float& m = row_max[mt][half];
           float& s = row_sum[mt][half];
-          if (tile_max > m) {
-            s *= Exp2(m - tile_max);
-            m = tile_max;
+          if (group_max > m) {
+            s *= Exp2(m - group_max);
+            m = group_max;
           }
-          if (m != -INFINITY) s += Exp2(v0 - m) + Exp2(v1 - m);
+          if (m != -INFINITY) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < Cfg::kNTiles; ++nt) sum += Exp2(v[nt][0] - m) + Exp2(v[nt][1] - m);
+            s += sum;
+          }
         }
       }
     }
@@ -268,24 +305,35 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
 }
 
+// A warp per query row: lanes merge strided chunks, then a butterfly merges the lanes (a fixed
+// order, so the result is deterministic).
 __global__ void StatsCombineKernel(const StatsCombineParams params) {
   const JobHead job_head = params.job_heads[blockIdx.y];
   const DeviceJob& job = params.jobs[job_head.job];
   const int num_rows = params.shape.group_size * job.window;
-  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= num_rows) return;
   const int64_t row_index = static_cast<int64_t>(job_head.head) * num_rows + row;
   const PartialStats* partial = params.partial + job.partial_offset + row_index * job.num_chunks;
   float m = -INFINITY;
   float s = 0.0f;
-  for (int chunk = 0; chunk < job.num_chunks; ++chunk) {
+  for (int chunk = lane; chunk < job.num_chunks; chunk += 32) {
     const PartialStats part = partial[chunk];
     MergeStats(m, s, part.max_x, part.sum);
   }
-  RowStats stats;
-  stats.max_x = m;
-  stats.inv_sum = 1.0f / s;
-  params.stats[job.stats_offset + row_index] = stats;
+#pragma unroll
+  for (int offset = 16; offset >= 1; offset >>= 1) {
+    const float other_max = __shfl_xor_sync(0xffffffffu, m, offset);
+    const float other_sum = __shfl_xor_sync(0xffffffffu, s, offset);
+    MergeStats(m, s, other_max, other_sum);
+  }
+  if (lane == 0) {
+    RowStats stats;
+    stats.max_x = m;
+    stats.inv_sum = 1.0f / s;
+    params.stats[job.stats_offset + row_index] = stats;
+  }
 }
 
 template <DType kDType, int kHeadDim>
@@ -322,7 +370,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
       const int member = qb / blocks_per_member;
       const int first = (qb % blocks_per_member) * block_rows;
       const int count = min(block_rows, window - first);
-      const int padded = (count + 7) & ~7;
+      const int padded = (count + Cfg::kQueryMultiple - 1) / Cfg::kQueryMultiple * Cfg::kQueryMultiple;
       for (int index = threadIdx.x; index < padded * Cfg::kChunks; index += blockDim.x) {
         const int local = index / Cfg::kChunks;
         const int chunk = index % Cfg::kChunks;
@@ -403,55 +451,78 @@ __global__ void __launch_bounds__(kAttentionThreads)
     for (int qb = item.row_begin; qb < item.row_end; ++qb) {
       const int first = (qb % blocks_per_member) * block_rows;
       const int count = min(block_rows, window - first);
-      const int padded = (count + 7) & ~7;
+      const int padded = (count + Cfg::kQueryMultiple - 1) / Cfg::kQueryMultiple * Cfg::kQueryMultiple;
       float row_sum[Cfg::kMTiles][2];
 #pragma unroll
       for (int mt = 0; mt < Cfg::kMTiles; ++mt) row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
-      for (int nt = 0; nt < padded / 8; ++nt) {
-        float acc[Cfg::kMTiles][4];
+      for (int group = 0; group < padded / Cfg::kQueryMultiple; ++group) {
+        const int group_row = query_row + group * Cfg::kQueryMultiple;
+        float acc[Cfg::kNTiles][Cfg::kMTiles][4];
 #pragma unroll
-        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-          acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-        }
-        const int tile_row = query_row + nt * 8;
-        if constexpr (Cfg::kIsFloat32) {
+        for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
           for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-            SimtTile<Cfg>(acc[mt], slice, mt * 16 + (lane >> 2), query_tile,
-                          tile_row + 2 * (lane & 3));
+            acc[nt][mt][0] = acc[nt][mt][1] = acc[nt][mt][2] = acc[nt][mt][3] = 0.0f;
+          }
+        }
+        if constexpr (Cfg::kIsFloat32) {
+#pragma unroll
+          for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+            for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+              SimtTile<Cfg>(acc[nt][mt], slice, mt * 16 + (lane >> 2), query_tile,
+                            group_row + nt * 8 + 2 * (lane & 3));
+            }
           }
         } else {
 #pragma unroll
           for (int ks = 0; ks < Cfg::kKSteps; ks += 2) {
-            uint32_t b[4];
-            LdMatrixX4(b, query_tile + Tile::Offset(tile_row + (lane & 7), ks * 2 + (lane >> 3)));
+            uint32_t b[Cfg::kNTiles][4];
 #pragma unroll
-            for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-              Mma16816<Cfg::kIsBFloat16>(acc[mt], key_fragments[mt][ks], b[0], b[1]);
-              Mma16816<Cfg::kIsBFloat16>(acc[mt], key_fragments[mt][ks + 1], b[2], b[3]);
+            for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+              LdMatrixX4(b[nt], query_tile + Tile::Offset(group_row + nt * 8 + (lane & 7),
+                                                          ks * 2 + (lane >> 3)));
+            }
+#pragma unroll
+            for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+              for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+                Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], key_fragments[mt][ks], b[nt][0], b[nt][1]);
+              }
+            }
+#pragma unroll
+            for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+#pragma unroll
+              for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+                Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], key_fragments[mt][ks + 1], b[nt][2],
+                                           b[nt][3]);
+              }
             }
           }
         }
-        const int column = tile_row + 2 * (lane & 3);
-        const float max0 = query_max[column];
-        const float max1 = query_max[column + 1];
-        const float inv0 = query_inv_sum[column];
-        const float inv1 = query_inv_sum[column + 1];
-        const int64_t limit0 = prefix + query_index[column];
-        const int64_t limit1 = prefix + query_index[column + 1];
 #pragma unroll
-        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+        for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
+          const int column = group_row + nt * 8 + 2 * (lane & 3);
+          const float max0 = query_max[column];
+          const float max1 = query_max[column + 1];
+          const float inv0 = query_inv_sum[column];
+          const float inv1 = query_inv_sum[column + 1];
+          const int64_t limit0 = prefix + query_index[column];
+          const int64_t limit1 = prefix + query_index[column + 1];
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            float p0 = Exp2(fmaf(acc[mt][2 * half], scale, -max0)) * inv0;
-            float p1 = Exp2(fmaf(acc[mt][2 * half + 1], scale, -max1)) * inv1;
-            if (needs_mask) {
-              const int64_t key = warp_key0 + mt * 16 + (lane >> 2) + half * 8;
-              if (key > limit0) p0 = 0.0f;
-              if (key > limit1) p1 = 0.0f;
+          for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              float p0 = Exp2(fmaf(acc[nt][mt][2 * half], scale, -max0)) * inv0;
+              float p1 = Exp2(fmaf(acc[nt][mt][2 * half + 1], scale, -max1)) * inv1;
+              if (needs_mask) {
+                const int64_t key = warp_key0 + mt * 16 + (lane >> 2) + half * 8;
+                if (key > limit0) p0 = 0.0f;
+                if (key > limit1) p1 = 0.0f;
+              }
+              row_sum[mt][half] += p0 + p1;
             }
-            row_sum[mt][half] += p0 + p1;
           }
         }
       }
@@ -509,8 +580,8 @@ cudaError_t LaunchColumnSums(const ColumnSumParams& params, cudaStream_t stream)
 cudaError_t LaunchStatsCombine(const StatsCombineParams& params, int num_job_heads, int max_rows,
                                cudaStream_t stream) {
   if (num_job_heads == 0 || max_rows == 0) return cudaSuccess;
-  constexpr int kThreads = 128;
-  const dim3 grid((max_rows + kThreads - 1) / kThreads, num_job_heads);
+  constexpr int kThreads = 256;  // 8 rows per block
+  const dim3 grid((max_rows + 7) / 8, num_job_heads);
   StatsCombineKernel<<<grid, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
