@@ -319,8 +319,8 @@ class LayerCache:
 
 def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
                   want_probs: bool = False):
-    """q [H_q, N, D], k/v [H_kv, M, D], mask [N, M] bool (True = attend) or None.
-    Returns out [H_q, N, D] (and probs [H_q, N, M])."""
+    """q [H_q, N, D], k/v [H_kv, M, D], mask [N, M] or per KV head [H_kv, N, M], bool
+    (True = attend), or None. Returns out [H_q, N, D] (and probs [H_q, N, M])."""
     h_q, n, d = q.shape
     h_kv = k.shape[0]
     g = h_q // h_kv
@@ -328,7 +328,8 @@ def gqa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np
     logits = np.matmul(qg, np.swapaxes(k, 1, 2)) / np.sqrt(d)  # [H_kv, G*N, M]
     logits = logits.reshape(h_kv, g, n, -1)
     if mask is not None:
-        logits = np.where(mask[None, None], logits, -np.inf)
+        mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+        logits = np.where(mask, logits, -np.inf)
     probs = softmax(logits, axis=-1)
     out = np.matmul(probs.reshape(h_kv, g * n, -1), v).reshape(h_q, n, d)
     if want_probs:
@@ -354,11 +355,14 @@ class Forward:
         return self.m.w("token_embd.weight")[np.asarray(tokens)]
 
     def run(self, tokens, start: int = 0, prefix: Optional[List[LayerCache]] = None,
-            record: bool = False, h2o_rows: int = 0, logits_from: int = 0):
+            record: bool = False, h2o_rows: int = 0, logits_from: int = 0,
+            masks: Optional[List[np.ndarray]] = None):
         """Returns dict: logits [N - logits_from, V] (float32), and when `record`,
         lists per layer of q, k, v, attn (post-RoPE; attn = attention output before
         o-proj); when h2o_rows > 0, h2o [H_q, h2o_rows] per layer: the attention each of
-        the first h2o_rows keys received from the first h2o_rows queries, summed."""
+        the first h2o_rows keys received from the first h2o_rows queries, summed.
+        `masks` (no prefix): per layer [H_kv, N, N] bool masks replacing the causal one
+        (an independent way to express eviction, used to check the ragged path)."""
         c, m = self.c, self.m
         n = len(tokens)
         pos = np.arange(start, start + n)
@@ -377,7 +381,8 @@ class Forward:
             k = apply_rope(np.ascontiguousarray(k.transpose(1, 0, 2)), cos, sin, mode)
             v = np.ascontiguousarray(v.transpose(1, 0, 2))
             if prefix is None:
-                attn, probs = gqa_attention(q, k, v, causal, want_probs=h2o_rows > 0)
+                mask = causal if masks is None else masks[layer]
+                attn, probs = gqa_attention(q, k, v, mask, want_probs=h2o_rows > 0)
                 if h2o_rows > 0:
                     rec["h2o"].append(
                         probs[:, :h2o_rows, :h2o_rows].sum(axis=1, dtype=np.float64)

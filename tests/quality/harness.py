@@ -298,6 +298,26 @@ def score_cache(model: gl.LlamaModel, ref: Reference, cache: CompressedCache) ->
     return Score(ll, ll - ref.ll, float(np.mean(errs)), errs, cache.kept_fraction)
 
 
+def masked_forward_ll(model: gl.LlamaModel, ref: Reference, cache: CompressedCache) -> float:
+    """The continuation's mean log-likelihood computed another way: one forward pass over
+    the whole sequence in which continuation queries of KV head h may not see the prompt
+    tokens head h evicted. Equals score_cache(...).ll for eviction (drop) methods; checks the
+    ragged decode path independently."""
+    T, C = ref.T, ref.C
+    n = T + C
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    masks = []
+    for lc in cache.layers:
+        m = np.repeat(causal[None], len(lc.positions), axis=0)
+        for h, pos in enumerate(lc.positions):
+            visible = np.zeros(T, dtype=bool)
+            visible[pos] = True
+            m[h, T:, :T] = visible[None, :]
+        masks.append(m)
+    rec = gl.Forward(model).run(ref.tokens[:n], masks=masks, logits_from=T)
+    return float(gl.token_logprobs(rec["logits"], ref.tokens[T + 1:n + 1]).mean())
+
+
 class Evaluator:
     """Evaluates methods on one reference: writes the input caches once, then compresses."""
 
