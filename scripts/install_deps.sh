@@ -10,8 +10,11 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libcivetweb-dev civetweb
   libgtest-dev libgmock-dev libbenchmark-dev
-  curl python3 kubernetes-client
+  curl python3
 )
+# kubectl renders the Kubernetes manifests (tests/deploy). This image may already carry one
+# from another package, which Debian's kubernetes-client would conflict with.
+if ! command -v kubectl >/dev/null 2>&1; then packages+=(kubernetes-client); fi
 
 missing=()
 for package in "${packages[@]}"; do
