@@ -41,25 +41,37 @@ struct AttentionConfig {
   static_assert(kTileChunks * 16 == 16384, "a key tile is 16 KiB");
 };
 
-// Copies rows [first_key, first_key + num_rows) of head `head`'s keys into a swizzled tile
-// (rows at or past key_limit are zero-filled), spread over threads thread, thread + stride, ….
+// Where head `head`'s key rows lie: row j starts at head_base + j · stride_bytes.
+struct KeyRows {
+  const std::byte* head_base;
+  int64_t stride_bytes;
+};
+
 template <class Cfg>
-__device__ __forceinline__ void LoadKeyRows(uint4* tile, const DeviceJob& job,
-                                            const BatchShape& shape, int head, int64_t first_key,
-                                            int num_rows, int64_t key_limit, int thread,
-                                            int stride) {
-  for (int index = thread; index < num_rows * Cfg::kChunks; index += stride) {
+__device__ __forceinline__ KeyRows HeadKeyRows(const DeviceJob& job, const BatchShape& shape,
+                                               int head) {
+  constexpr int64_t kRowBytes = Cfg::kHeadDim * Cfg::kElementSize;
+  if (shape.layout == Layout::kHND) {
+    return KeyRows{job.keys + static_cast<int64_t>(head) * job.num_tokens * kRowBytes, kRowBytes};
+  }
+  return KeyRows{job.keys + static_cast<int64_t>(head) * kRowBytes,
+                 static_cast<int64_t>(shape.num_kv_heads) * kRowBytes};
+}
+
+// Copies rows [first_key, first_key + kRows) of a head's keys into a swizzled tile (rows at
+// or past key_limit are zero-filled), spread over threads thread, thread + kStride, ….
+template <class Cfg, int kRows, int kStride>
+__device__ __forceinline__ void LoadKeyRows(uint4* tile, const KeyRows& rows, int64_t first_key,
+                                            int64_t key_limit, int thread) {
+  static_assert(kRows * Cfg::kChunks % kStride == 0, "whole rounds of copies");
+#pragma unroll
+  for (int round = 0; round < kRows * Cfg::kChunks / kStride; ++round) {
+    const int index = thread + round * kStride;
     const int row = index / Cfg::kChunks;
     const int chunk = index % Cfg::kChunks;
     const int64_t key = first_key + row;
     const bool valid = key < key_limit;
-    const std::byte* source =
-        job.keys +
-        (valid ? RowElementOffset(shape.layout, shape.num_kv_heads, job.num_tokens, Cfg::kHeadDim,
-                                  head, key) *
-                         Cfg::kElementSize +
-                     chunk * 16
-               : 0);
+    const std::byte* source = rows.head_base + (valid ? key * rows.stride_bytes + chunk * 16 : 0);
     CpAsync16(tile + Cfg::Tile::Offset(row, chunk), source, valid ? 16 : 0);
   }
 }
@@ -169,12 +181,13 @@ __global__ void __launch_bounds__(kAttentionThreads, 2)
   const int num_tiles = static_cast<int>((key_end - key_begin + Cfg::kKeysPerTile - 1) /
                                          Cfg::kKeysPerTile);
   const float scale = params.scale_log2;
+  const KeyRows key_rows = HeadKeyRows<Cfg>(job, shape, head);
 #pragma unroll
   for (int stage = 0; stage < Cfg::kStages - 1; ++stage) {
     if (stage < num_tiles) {
-      LoadKeyRows<Cfg>(key_ring + stage * Cfg::kTileChunks, job, shape, head,
-                       key_begin + static_cast<int64_t>(stage) * Cfg::kKeysPerTile,
-                       Cfg::kKeysPerTile, key_end, threadIdx.x, blockDim.x);
+      LoadKeyRows<Cfg, Cfg::kKeysPerTile, kAttentionThreads>(
+          key_ring + stage * Cfg::kTileChunks, key_rows,
+          key_begin + static_cast<int64_t>(stage) * Cfg::kKeysPerTile, key_end, threadIdx.x);
     }
     CpAsyncCommit();
   }
@@ -185,9 +198,9 @@ __global__ void __launch_bounds__(kAttentionThreads, 2)
     {
       const int next = t + Cfg::kStages - 1;
       if (next < num_tiles) {
-        LoadKeyRows<Cfg>(key_ring + (next % Cfg::kStages) * Cfg::kTileChunks, job, shape, head,
-                         key_begin + static_cast<int64_t>(next) * Cfg::kKeysPerTile,
-                         Cfg::kKeysPerTile, key_end, threadIdx.x, blockDim.x);
+        LoadKeyRows<Cfg, Cfg::kKeysPerTile, kAttentionThreads>(
+            key_ring + (next % Cfg::kStages) * Cfg::kTileChunks, key_rows,
+            key_begin + static_cast<int64_t>(next) * Cfg::kKeysPerTile, key_end, threadIdx.x);
       }
       CpAsyncCommit();
     }
@@ -246,32 +259,45 @@ __global__ void __launch_bounds__(kAttentionThreads, 2)
       for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          float v[Cfg::kNTiles][2];
-          float group_max = -INFINITY;
+          // Raw logits (q·k); the scale is positive, so maxima can be taken before scaling.
+          float v[2 * Cfg::kNTiles];
 #pragma unroll
           for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              float x = acc[nt][mt][2 * half + e] * scale;
+              float x = acc[nt][mt][2 * half + e];
               if (needs_mask) {
                 const int64_t key = key0 + nt * 8 + e;
                 if (key > row_limit[mt][half] || key >= key_end) x = -INFINITY;
               }
-              v[nt][e] = x;
-              group_max = fmaxf(group_max, x);
+              v[2 * nt + e] = x;
             }
           }
-          float& m = row_max[mt][half];
+          float tree[2 * Cfg::kNTiles];
+#pragma unroll
+          for (int k = 0; k < 2 * Cfg::kNTiles; ++k) tree[k] = v[k];
+#pragma unroll
+          for (int width = Cfg::kNTiles; width >= 1; width /= 2) {
+#pragma unroll
+            for (int k = 0; k < width; ++k) tree[k] = fmaxf(tree[k], tree[k + width]);
+          }
+          const float group_max = tree[0];
+          float& m = row_max[mt][half];  // raw units
           float& s = row_sum[mt][half];
           if (group_max > m) {
-            s *= Exp2(m - group_max);
+            s *= Exp2((m - group_max) * scale);
             m = group_max;
           }
           if (m != -INFINITY) {
-            float sum = 0.0f;
+            const float bias = -m * scale;
 #pragma unroll
-            for (int nt = 0; nt < Cfg::kNTiles; ++nt) sum += Exp2(v[nt][0] - m) + Exp2(v[nt][1] - m);
-            s += sum;
+            for (int k = 0; k < 2 * Cfg::kNTiles; ++k) tree[k] = Exp2(fmaf(v[k], scale, bias));
+#pragma unroll
+            for (int width = Cfg::kNTiles; width >= 1; width /= 2) {
+#pragma unroll
+              for (int k = 0; k < width; ++k) tree[k] += tree[k + width];
+            }
+            s += tree[0];
           }
         }
       }
@@ -284,7 +310,7 @@ __global__ void __launch_bounds__(kAttentionThreads, 2)
   for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float m = row_max[mt][half];
+      float m = row_max[mt][half] * scale;  // scaled (log2) units from here on
       float s = row_sum[mt][half];
 #pragma unroll
       for (int offset = 1; offset <= 2; offset <<= 1) {
@@ -359,9 +385,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   uint4* key_slices = shared;
   uint4* query_tile = shared + Cfg::kRowsPerBlock * Cfg::kChunks;
-  float* query_max = reinterpret_cast<float*>(query_tile + capacity * Cfg::kChunks);
-  float* query_inv_sum = query_max + capacity;
-  int* query_index = reinterpret_cast<int*>(query_inv_sum + capacity);
+  float* query_bias = reinterpret_cast<float*>(query_tile + capacity * Cfg::kChunks);
+  int* query_index = reinterpret_cast<int*>(query_bias + 2 * capacity);
 
   // The item's query blocks, each padded to a multiple of 8 rows (zero rows, weight 0).
   {
@@ -385,12 +410,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
           const RowStats stats =
               params.stats[job.stats_offset + static_cast<int64_t>(head) * num_rows +
                            member * window + first + local];
-          query_max[base + local] = stats.max_x;
-          query_inv_sum[base + local] = stats.inv_sum;
+          // softmax_ij = 2^(x_ij − max_i) / sum_i = 2^(x_ij − bias_i): one FFMA and one ex2.
+          query_bias[base + local] = stats.max_x - log2f(stats.inv_sum);
           query_index[base + local] = first + local;
         } else {
-          query_max[base + local] = 0.0f;
-          query_inv_sum[base + local] = 0.0f;
+          query_bias[base + local] = INFINITY;  // padding rows weigh 0
           query_index[base + local] = INT_MAX / 2;
         }
       }
@@ -404,10 +428,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int64_t round_keys = Cfg::kRowsPerBlock;
   const int num_rounds = static_cast<int>((key_end - key_begin + round_keys - 1) / round_keys);
   uint4* slice = key_slices + warp * Cfg::kRowsPerWarp * Cfg::kChunks;
+  const KeyRows key_rows = HeadKeyRows<Cfg>(job, shape, head);
   auto load_slice = [&](int round) {
-    LoadKeyRows<Cfg>(slice, job, shape, head,
-                     key_begin + round * round_keys + warp * Cfg::kRowsPerWarp, Cfg::kRowsPerWarp,
-                     key_end, lane, 32);
+    LoadKeyRows<Cfg, Cfg::kRowsPerWarp, 32>(
+        slice, key_rows, key_begin + round * round_keys + warp * Cfg::kRowsPerWarp, key_end, lane);
   };
   load_slice(0);
   CpAsyncCommit();
@@ -504,18 +528,16 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
         for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
           const int column = group_row + nt * 8 + 2 * (lane & 3);
-          const float max0 = query_max[column];
-          const float max1 = query_max[column + 1];
-          const float inv0 = query_inv_sum[column];
-          const float inv1 = query_inv_sum[column + 1];
+          const float bias0 = query_bias[column];
+          const float bias1 = query_bias[column + 1];
           const int64_t limit0 = prefix + query_index[column];
           const int64_t limit1 = prefix + query_index[column + 1];
 #pragma unroll
           for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-              float p0 = Exp2(fmaf(acc[nt][mt][2 * half], scale, -max0)) * inv0;
-              float p1 = Exp2(fmaf(acc[nt][mt][2 * half + 1], scale, -max1)) * inv1;
+              float p0 = Exp2(fmaf(acc[nt][mt][2 * half], scale, -bias0));
+              float p1 = Exp2(fmaf(acc[nt][mt][2 * half + 1], scale, -bias1));
               if (needs_mask) {
                 const int64_t key = warp_key0 + mt * 16 + (lane >> 2) + half * 8;
                 if (key > limit0) p0 = 0.0f;
