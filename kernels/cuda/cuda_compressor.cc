@@ -206,12 +206,18 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const bool is_snapkv = spec.scorer == ScorerKind::kSnapKv;
   const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
 
-  // Query rows the second pass can hold in shared memory.
-  const size_t key_slice_bytes = static_cast<size_t>(tiling.rows_per_block) * row_bytes;
-  int query_capacity = 0;
-  if (static_cast<size_t>(max_shared_bytes_) > key_slice_bytes) {
-    query_capacity = static_cast<int>((max_shared_bytes_ - key_slice_bytes) / (row_bytes + 12));
+  // Query rows the second pass holds in shared memory: as many as leave room for two blocks
+  // per SM (latency hiding) when that still holds two query groups, else as many as fit.
+  const size_t key_slice_bytes = static_cast<size_t>(cuda::kColumnSumRoundKeys) * row_bytes;
+  const size_t query_row_bytes = row_bytes + 12;
+  constexpr size_t kTwoBlockSharedBytes = 110 * 1024;
+  size_t query_budget = 0;
+  if (key_slice_bytes + 2 * tiling.query_multiple * query_row_bytes <= kTwoBlockSharedBytes) {
+    query_budget = kTwoBlockSharedBytes - key_slice_bytes;
+  } else if (static_cast<size_t>(max_shared_bytes_) > key_slice_bytes) {
+    query_budget = max_shared_bytes_ - key_slice_bytes;
   }
+  int query_capacity = static_cast<int>(query_budget / query_row_bytes);
   query_capacity = std::min(query_capacity, 1024) / tiling.query_multiple * tiling.query_multiple;
   if (query_capacity < tiling.query_multiple) {
     return absl::UnimplementedError(absl::StrCat(

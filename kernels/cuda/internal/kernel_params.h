@@ -270,6 +270,8 @@ constexpr AttentionTiling AttentionTilingFor(DType dtype, int head_dim) {
 }
 
 inline constexpr int kAttentionThreads = 256;
+// Keys the second pass takes per round (8 warps × 16 keys); chunks are multiples of it.
+inline constexpr int kColumnSumRoundKeys = 128;
 
 // Shared memory of the first pass.
 constexpr size_t WindowStatsSharedBytes(DType dtype, int head_dim) {
@@ -284,9 +286,8 @@ constexpr size_t WindowStatsSharedBytes(DType dtype, int head_dim) {
 
 // Shared memory of the second pass holding `query_rows` padded query rows.
 constexpr size_t ColumnSumSharedBytes(DType dtype, int head_dim, int query_rows) {
-  const AttentionTiling tiling = AttentionTilingFor(dtype, head_dim);
   const size_t element_size = dtype == DType::kFloat32 ? 4 : 2;
-  const size_t key_bytes = static_cast<size_t>(tiling.rows_per_block) * head_dim * element_size;
+  const size_t key_bytes = static_cast<size_t>(kColumnSumRoundKeys) * head_dim * element_size;
   const size_t query_bytes = static_cast<size_t>(query_rows) * head_dim * element_size;
   const size_t row_info_bytes = static_cast<size_t>(query_rows) * 12;  // max_x, inv_sum, index
   return key_bytes + query_bytes + row_info_bytes;

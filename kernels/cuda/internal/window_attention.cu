@@ -363,10 +363,15 @@ __global__ void StatsCombineKernel(const StatsCombineParams params) {
 }
 
 template <DType kDType, int kHeadDim>
-__global__ void __launch_bounds__(kAttentionThreads)
+__global__ void __launch_bounds__(kAttentionThreads, 2)
     ColumnSumKernel(const ColumnSumParams params) {
   using Cfg = AttentionConfig<kDType, kHeadDim>;
   using Tile = typename Cfg::Tile;
+  // One m16 tile of keys per warp (16 keys): few registers, so two blocks fit an SM.
+  constexpr int kKeyTiles = 1;
+  constexpr int kKeysPerWarp = 16 * kKeyTiles;
+  constexpr int kRoundKeys = 8 * kKeysPerWarp;
+  static_assert(kRoundKeys == kColumnSumRoundKeys, "planner and kernel agree on rounds");
   extern __shared__ uint4 shared[];
   const AttentionItem item = params.items[blockIdx.x];
   const DeviceJob& job = params.jobs[item.job];
@@ -384,7 +389,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int capacity = params.query_capacity;
 
   uint4* key_slices = shared;
-  uint4* query_tile = shared + Cfg::kRowsPerBlock * Cfg::kChunks;
+  uint4* query_tile = shared + kRoundKeys * Cfg::kChunks;
   float* query_bias = reinterpret_cast<float*>(query_tile + capacity * Cfg::kChunks);
   int* query_index = reinterpret_cast<int*>(query_bias + 2 * capacity);
 
@@ -425,13 +430,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   const int64_t key_begin = item.key_begin;
   const int64_t key_end = item.key_end;
-  const int64_t round_keys = Cfg::kRowsPerBlock;
+  const int64_t round_keys = kRoundKeys;
   const int num_rounds = static_cast<int>((key_end - key_begin + round_keys - 1) / round_keys);
-  uint4* slice = key_slices + warp * Cfg::kRowsPerWarp * Cfg::kChunks;
+  uint4* slice = key_slices + warp * kKeysPerWarp * Cfg::kChunks;
   const KeyRows key_rows = HeadKeyRows<Cfg>(job, shape, head);
   auto load_slice = [&](int round) {
-    LoadKeyRows<Cfg, Cfg::kRowsPerWarp, 32>(
-        slice, key_rows, key_begin + round * round_keys + warp * Cfg::kRowsPerWarp, key_end, lane);
+    LoadKeyRows<Cfg, kKeysPerWarp, 32>(
+        slice, key_rows, key_begin + round * round_keys + warp * kKeysPerWarp, key_end, lane);
   };
   load_slice(0);
   CpAsyncCommit();
@@ -440,8 +445,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   const float scale = params.scale_log2;
   for (int round = 0; round < num_rounds; ++round) {
-    const int64_t warp_key0 = key_begin + round * round_keys + warp * Cfg::kRowsPerWarp;
-    uint32_t key_fragments[Cfg::kIsFloat32 ? 1 : Cfg::kMTiles][Cfg::kIsFloat32 ? 1 : Cfg::kKSteps]
+    const int64_t warp_key0 = key_begin + round * round_keys + warp * kKeysPerWarp;
+    uint32_t key_fragments[Cfg::kIsFloat32 ? 1 : kKeyTiles][Cfg::kIsFloat32 ? 1 : Cfg::kKSteps]
                           [4];
     if constexpr (!Cfg::kIsFloat32) {
       if (round > 0) {
@@ -449,7 +454,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
         __syncwarp();
       }
 #pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
         for (int ks = 0; ks < Cfg::kKSteps; ++ks) {
           const int row = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
@@ -469,24 +474,24 @@ __global__ void __launch_bounds__(kAttentionThreads)
       }
     }
     if (warp_key0 >= key_end) continue;
-    const bool needs_mask = warp_key0 + Cfg::kRowsPerWarp - 1 > prefix;
+    const bool needs_mask = warp_key0 + kKeysPerWarp - 1 > prefix;
 
     int query_row = 0;
     for (int qb = item.row_begin; qb < item.row_end; ++qb) {
       const int first = (qb % blocks_per_member) * block_rows;
       const int count = min(block_rows, window - first);
       const int padded = (count + Cfg::kQueryMultiple - 1) / Cfg::kQueryMultiple * Cfg::kQueryMultiple;
-      float row_sum[Cfg::kMTiles][2];
+      float row_sum[kKeyTiles][2];
 #pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+      for (int mt = 0; mt < kKeyTiles; ++mt) row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
       for (int group = 0; group < padded / Cfg::kQueryMultiple; ++group) {
         const int group_row = query_row + group * Cfg::kQueryMultiple;
-        float acc[Cfg::kNTiles][Cfg::kMTiles][4];
+        float acc[Cfg::kNTiles][kKeyTiles][4];
 #pragma unroll
         for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
-          for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+          for (int mt = 0; mt < kKeyTiles; ++mt) {
             acc[nt][mt][0] = acc[nt][mt][1] = acc[nt][mt][2] = acc[nt][mt][3] = 0.0f;
           }
         }
@@ -494,7 +499,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
           for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
-            for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+            for (int mt = 0; mt < kKeyTiles; ++mt) {
               SimtTile<Cfg>(acc[nt][mt], slice, mt * 16 + (lane >> 2), query_tile,
                             group_row + nt * 8 + 2 * (lane & 3));
             }
@@ -511,14 +516,14 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
             for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
-              for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+              for (int mt = 0; mt < kKeyTiles; ++mt) {
                 Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], key_fragments[mt][ks], b[nt][0], b[nt][1]);
               }
             }
 #pragma unroll
             for (int nt = 0; nt < Cfg::kNTiles; ++nt) {
 #pragma unroll
-              for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+              for (int mt = 0; mt < kKeyTiles; ++mt) {
                 Mma16816<Cfg::kIsBFloat16>(acc[nt][mt], key_fragments[mt][ks + 1], b[nt][2],
                                            b[nt][3]);
               }
@@ -533,7 +538,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
           const int64_t limit0 = prefix + query_index[column];
           const int64_t limit1 = prefix + query_index[column + 1];
 #pragma unroll
-          for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+          for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               float p0 = Exp2(fmaf(acc[nt][mt][2 * half], scale, -bias0));
@@ -549,7 +554,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
         }
       }
 #pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      for (int mt = 0; mt < kKeyTiles; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           float total = row_sum[mt][half];
