@@ -24,7 +24,7 @@ step tests_small 150 "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs*
 step tests_large 120 "$DIST/gpu_cuda_backend_test" --gtest_filter='LargeConfigs*'
 step sanitizer 100 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
   "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs/CudaBackendTest.MatchesCpuReference/*'
-step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
+[ -n "${SKIP_NCU:-}" ] || step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
   "$DIST/gpu_bench" --tokens=32768 --layers=4 --methods=snapkv,knorm --repeats=1
 tail -25 "$OUT/bench.log"
 grep -E "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties" "$OUT"/tests_*.log | head -40

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -205,6 +206,15 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const AttentionTiling tiling = cuda::AttentionTilingFor(geometry.dtype, head_dim);
   const bool is_snapkv = spec.scorer == ScorerKind::kSnapKv;
   const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
+  // First-pass tiling: KVC_CUDA_STATS_ROW_TILES=1 selects one row tile per warp (16-bit
+  // inputs whose default holds more), a benchmarking switch.
+  static const int stats_row_tiles = [] {
+    const char* value = std::getenv("KVC_CUDA_STATS_ROW_TILES");
+    return value != nullptr && std::string(value) == "1" ? 1 : 0;
+  }();
+  const int row_tiles =
+      geometry.dtype != DType::kFloat32 && tiling.rows_per_warp > 16 ? stats_row_tiles : 0;
+  const int stats_rows_per_block = row_tiles == 1 ? 128 : tiling.rows_per_block;
 
   // Query rows the second pass holds in shared memory: as many as leave room for two blocks
   // per SM (latency hiding) when that still holds two query groups, else as many as fit.
@@ -264,7 +274,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     int64_t items = 0;
     for (const JobPlan& plan : plans) {
       if (!plan.attention) continue;
-      const int64_t row_blocks = (plan.num_rows + tiling.rows_per_block - 1) / tiling.rows_per_block;
+      const int64_t row_blocks = (plan.num_rows + stats_rows_per_block - 1) / stats_rows_per_block;
       items += num_heads * row_blocks * ((plan.num_tokens + chunk - 1) / chunk);
     }
     return items;
@@ -353,9 +363,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
           item.key_begin = c * chunk_keys;
           item.key_end = std::min(plan.num_tokens, (c + 1) * chunk_keys);
           item.chunk = c;
-          for (int row = 0; row < plan.num_rows; row += tiling.rows_per_block) {
+          for (int row = 0; row < plan.num_rows; row += stats_rows_per_block) {
             item.row_begin = row;
-            item.row_end = std::min(plan.num_rows, row + tiling.rows_per_block);
+            item.row_end = std::min(plan.num_rows, row + stats_rows_per_block);
             stats_items.push_back(item);
           }
           for (int qb = 0; qb < num_qblocks; qb += plan.qblocks_per_item) {
@@ -506,6 +516,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     stats_params.jobs = device_job_table;
     stats_params.items = reinterpret_cast<const AttentionItem*>(base + stats_items_at);
     stats_params.num_items = static_cast<int>(stats_items.size());
+    stats_params.row_tiles = row_tiles;
     stats_params.partial = partial;
     stats_params.shape = shape;
     stats_params.scale_log2 = scale_log2;

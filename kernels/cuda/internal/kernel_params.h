@@ -82,6 +82,9 @@ struct WindowStatsParams {
   const DeviceJob* jobs = nullptr;
   const AttentionItem* items = nullptr;
   int num_items = 0;
+  // 0: the default tiling; 1: one m16 row tile per warp (128 rows per block), fewer registers
+  // and three blocks per SM (16-bit inputs). Items must use the matching rows per block.
+  int row_tiles = 0;
   PartialStats* partial = nullptr;
   BatchShape shape;
   float scale_log2 = 0;  // log2(e) / √D
@@ -273,11 +276,11 @@ inline constexpr int kAttentionThreads = 256;
 // Keys the second pass takes per round (8 warps × 16 keys); chunks are multiples of it.
 inline constexpr int kColumnSumRoundKeys = 128;
 
-// Shared memory of the first pass.
-constexpr size_t WindowStatsSharedBytes(DType dtype, int head_dim) {
+// Shared memory of the first pass with `rows_per_block` query rows.
+constexpr size_t WindowStatsSharedBytes(DType dtype, int head_dim, int rows_per_block) {
   const AttentionTiling tiling = AttentionTilingFor(dtype, head_dim);
   const size_t element_size = dtype == DType::kFloat32 ? 4 : 2;
-  const size_t query_bytes = static_cast<size_t>(tiling.rows_per_block) * head_dim * element_size;
+  const size_t query_bytes = static_cast<size_t>(rows_per_block) * head_dim * element_size;
   const size_t ring_bytes = static_cast<size_t>(tiling.stages) * 16384;
   // 16-bit types move queries into registers and reuse the space for the key ring.
   return dtype == DType::kFloat32 ? query_bytes + ring_bytes

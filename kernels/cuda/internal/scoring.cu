@@ -41,6 +41,10 @@ __global__ void __launch_bounds__(kFinalizeTokens)
       params.colsum + job.colsum_offset +
       static_cast<int64_t>(job_head.head) * group_size * blocks_per_member * num_tokens;
   const bool max_reduction = params.group_reduction == GroupReduction::kMax;
+  // Reciprocals instead of fp64 divisions (a software sequence on the GPU); the scores move
+  // by an ulp of fp64 at most, far below what the selection can see.
+  const double inv_window = 1.0 / job.window;
+  const double inv_kernel = 1.0 / params.kernel_size;
   double reduced = max_reduction ? -INFINITY : 0.0;
   if (stage_first < stage_end) {
     for (int member = 0; member < group_size; ++member) {
@@ -51,7 +55,7 @@ __global__ void __launch_bounds__(kFinalizeTokens)
           sum += head_sums[(static_cast<int64_t>(member) * blocks_per_member + block) * num_tokens +
                            t];
         }
-        means[t - base] = sum / job.window;
+        means[t - base] = sum * inv_window;
       }
       __syncthreads();
       if (token < prefix) {
@@ -61,7 +65,7 @@ __global__ void __launch_bounds__(kFinalizeTokens)
           const double mean = means[t - base];
           pooled = params.pooling == Pooling::kAvg ? pooled + mean : fmax(pooled, mean);
         }
-        if (params.pooling == Pooling::kAvg) pooled /= params.kernel_size;
+        if (params.pooling == Pooling::kAvg) pooled *= inv_kernel;
         reduced = max_reduction ? fmax(reduced, pooled) : reduced + pooled;
       }
     }

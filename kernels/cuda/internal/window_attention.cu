@@ -17,7 +17,9 @@
 namespace kvcompress::cuda {
 namespace {
 
-template <DType kDType, int kD>
+// kRowTiles > 0 overrides the m16 tiles a warp holds in the first pass (the second pass always
+// uses the default configuration).
+template <DType kDType, int kD, int kRowTiles = 0>
 struct AttentionConfig {
   using Traits = ElementTraits<kDType>;
   static constexpr bool kIsFloat32 = Traits::kIsFloat32;
@@ -26,18 +28,21 @@ struct AttentionConfig {
   static constexpr int kHeadDim = kD;
   static constexpr int kChunks = kD * kElementSize / 16;  // 16-byte chunks per row
   static constexpr AttentionTiling kTiling = AttentionTilingFor(kDType, kD);
-  static constexpr int kRowsPerWarp = kTiling.rows_per_warp;
-  static constexpr int kMTiles = kRowsPerWarp / 16;
-  static constexpr int kRowsPerBlock = kTiling.rows_per_block;
+  static constexpr int kMTiles = kRowTiles > 0 ? kRowTiles : kTiling.rows_per_warp / 16;
+  static constexpr int kRowsPerWarp = 16 * kMTiles;
+  static constexpr int kRowsPerBlock = kRowsPerWarp * 8;
   static constexpr int kKeysPerTile = kTiling.keys_per_tile;
   static constexpr int kStages = kTiling.stages;
   static constexpr int kKSteps = kD / 16;  // mma k-steps of 16-bit inputs
-  static constexpr int kNTiles = kTiling.n_tiles;
+  // One row tile per warp where the default holds more: 4 key tiles, 4 mma chains per warp.
+  static constexpr int kNTiles =
+      kRowTiles == 1 && !kIsFloat32 && kTiling.rows_per_warp > 16 ? 4 : kTiling.n_tiles;
   static constexpr int kQueryMultiple = kTiling.query_multiple;
   static constexpr int kTileChunks = kKeysPerTile * kChunks;
   using Tile = SwizzledTile<kChunks>;
   static_assert(kKeysPerTile % (8 * kNTiles) == 0, "key tiles hold whole n8 tile groups");
-  static_assert(kQueryMultiple == 8 * kNTiles, "query blocks hold whole n8 tile groups");
+  static_assert(kRowTiles != 0 || kQueryMultiple == 8 * kNTiles,
+                "query blocks hold whole n8 tile groups");
   static_assert(kTileChunks * 16 == 16384, "a key tile is 16 KiB");
 };
 
@@ -114,10 +119,10 @@ __device__ __forceinline__ void MergeStats(float& max_a, float& sum_a, float max
   sum_a = a + b;
 }
 
-template <DType kDType, int kHeadDim>
-__global__ void __launch_bounds__(kAttentionThreads, 2)
+template <DType kDType, int kHeadDim, int kRowTiles>
+__global__ void __launch_bounds__(kAttentionThreads, kRowTiles == 1 ? 3 : 2)
     WindowStatsKernel(const WindowStatsParams params) {
-  using Cfg = AttentionConfig<kDType, kHeadDim>;
+  using Cfg = AttentionConfig<kDType, kHeadDim, kRowTiles>;
   using Tile = typename Cfg::Tile;
   extern __shared__ uint4 shared[];
   const AttentionItem item = params.items[blockIdx.x];
@@ -576,18 +581,33 @@ __global__ void __launch_bounds__(kAttentionThreads, 2)
 
 }  // namespace
 
-template <DType kDType, int kHeadDim>
-cudaError_t LaunchWindowStats(const WindowStatsParams& params, cudaStream_t stream) {
-  if (params.num_items == 0) return cudaSuccess;
-  constexpr size_t kShared = WindowStatsSharedBytes(kDType, kHeadDim);
-  const auto kernel = WindowStatsKernel<kDType, kHeadDim>;
+template <DType kDType, int kHeadDim, int kRowTiles>
+cudaError_t LaunchWindowStatsVariant(const WindowStatsParams& params, cudaStream_t stream) {
+  using Cfg = AttentionConfig<kDType, kHeadDim, kRowTiles>;
+  constexpr size_t kShared = WindowStatsSharedBytes(kDType, kHeadDim, Cfg::kRowsPerBlock);
+  const auto kernel = WindowStatsKernel<kDType, kHeadDim, kRowTiles>;
   if (const cudaError_t error = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kShared));
       error != cudaSuccess) {
     return error;
   }
+  if (const cudaError_t error = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+      error != cudaSuccess) {
+    return error;
+  }
   kernel<<<params.num_items, kAttentionThreads, kShared, stream>>>(params);
   return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchWindowStats(const WindowStatsParams& params, cudaStream_t stream) {
+  if (params.num_items == 0) return cudaSuccess;
+  constexpr AttentionTiling kTiling = AttentionTilingFor(kDType, kHeadDim);
+  if constexpr (kDType != DType::kFloat32 && kTiling.rows_per_warp > 16) {
+    if (params.row_tiles == 1) return LaunchWindowStatsVariant<kDType, kHeadDim, 1>(params, stream);
+  }
+  return LaunchWindowStatsVariant<kDType, kHeadDim, 0>(params, stream);
 }
 
 template <DType kDType, int kHeadDim>
