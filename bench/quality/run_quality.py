@@ -108,7 +108,10 @@ def model_specs():
                   "9 q / 3 KV heads, head_dim 64)",
             path=smollm2_gguf, dtype=np.float32, texts=["essay"],
             T=ARGS.smollm2_prompt, C=ARGS.continuation,
-            text_desc="a hand-written English essay (tests/quality/texts/essay.txt)"),
+            text_desc="a hand-written English essay (tests/quality/texts/essay.txt); the "
+                      "scored continuation recalls names and numbers from 1-2K tokens earlier "
+                      "(Edward Marsh's three nights, Anne Pell's bell, the Margaret Ellis): "
+                      "a long-range test"),
     }
     return [(name, specs[name]) for name in ARGS.models.split(",") if name]
 
@@ -275,7 +278,9 @@ def section_markdown(runs, keeps, total_seconds, kvc):
                  f"{total_seconds / 60:.0f} min here, single-threaded numpy):")
     lines.append("")
     lines.append("```sh")
-    lines.append("scripts/python_env.sh && .venv/bin/python bench/quality/run_quality.py --write")
+    argv = " ".join(a for a in sys.argv[1:])
+    lines.append("scripts/python_env.sh && .venv/bin/python bench/quality/run_quality.py "
+                 + (argv or "--write"))
     lines.append("```")
     lines.append("")
     lines.append(f"Machine: {machine()}. kvc: `{os.path.relpath(kvc, ROOT)}` (`--local`, CPU "
@@ -293,7 +298,8 @@ def section_markdown(runs, keeps, total_seconds, kvc):
         "full cache. **attn err**: ‖o − o_full‖/‖o_full‖ of each layer's attention output for "
         "the full run's continuation queries on the compressed prompt rows (isolated per "
         "layer, no error propagation), mean over layers. Every layer is compressed. "
-        "`random` keeps uniformly random tokens per head (seed 0) at the same budget. "
+        "`random` keeps uniformly random tokens per (layer, head) at the same budget (mean "
+        "over seeds 0, 1, 2). "
         "Rows that this build of kvc answers UNIMPLEMENTED read \"not implemented\". "
         "Protocol details: tests/quality/harness.py.")
     lines.append("")
