@@ -2,7 +2,8 @@
 # One device run: GPU tests, a compute-sanitizer subset, the benchmark and an ncu kernel
 # breakdown, from binaries built elsewhere and carried in $DIST (default build-cuda/dist:
 # gpu_cuda_backend_test, gpu_bench, lib/ with the shared libraries they need).
-# Logs go to $OUT (default ./device-out). Each step has its own time limit.
+# Logs go to $OUT (default ./device-out). Each step has its own time limit; SKIP_NCU=1 skips
+# the ncu breakdown, BENCH_ARGS passes arguments to gpu_bench.
 set -u
 DIST=${DIST:-build-cuda/dist}
 OUT=${OUT:-device-out}

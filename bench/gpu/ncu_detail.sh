@@ -1,3 +1,5 @@
+# ncu details (speed of light, warp states, pipe utilisation) of the attention and knorm
+# kernels for one 2-layer call at 32K; run on the GPU machine from the repository root.
 export LD_LIBRARY_PATH=$PWD/build-cuda/dist/lib
 D=build-cuda/dist
 timeout 300 ncu --clock-control none -k regex:"WindowStats|ColumnSum|Knorm" -c 3 \

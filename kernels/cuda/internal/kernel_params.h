@@ -41,7 +41,7 @@ struct DeviceJob {
   int64_t stats_offset = 0;            // final softmax stats: [H_kv, G·window] float2
   int64_t partial_offset = 0;          // partial stats: [H_kv, G·window, num_chunks] float2
   int32_t num_chunks = 0;              // key chunks of the first attention pass, per head
-  int32_t qblock_rows = 0;             // queries per query block (a multiple of 8)
+  int32_t qblock_rows = 0;             // queries per query block (a multiple of query_multiple)
   int32_t qblocks_per_member = 0;      // ceil(window / qblock_rows)
   int32_t pad = 0;
   int64_t colsum_offset = 0;           // column sums: [H_kv, G·qblocks_per_member, T] fp32
