@@ -54,9 +54,13 @@ class Backend {
   // "cpu" or "cuda".
   virtual std::string_view name() const = 0;
 
-  // Scores, selects, gathers and reduces each job; results[i] receives jobs[i]'s result.
-  // Requires results.size() == jobs.size() and a spec that passed ValidateMethodSpec and
-  // CheckMethodImplemented. Fails with INTERNAL on device errors; results are then undefined.
+  // Scores, selects, gathers and reduces each job; results[i] receives jobs[i]'s result:
+  // ragged per head (adaptive head budgets give heads different counts; merge_similar may
+  // keep fewer rows than the budget), `merged` filled by merging reducers. Requires
+  // results.size() == jobs.size() and a spec that passed ValidateMethodSpec and
+  // CheckMethodImplemented. INVALID_ARGUMENT for a job that lacks what the spec needs
+  // (window queries for snapkv and tova, client scores for observed); UNIMPLEMENTED for
+  // stages a backend does not run; INTERNAL on device errors. Results are then undefined.
   virtual absl::Status CompressLayers(const CacheGeometry& geometry, const MethodSpec& spec,
                                       std::span<const LayerJob> jobs,
                                       std::span<LayerResult> results) = 0;
@@ -65,7 +69,9 @@ class Backend {
   // (the default) may reject jobs that carry them; callers then leave them null.
   virtual bool AcceptsPrecomputedScores() const { return false; }
 
-  // Scores only (for cross-layer budget policies); scores[i] receives jobs[i]'s scores.
+  // Scores only (for cross-layer budget policies); scores[i] receives jobs[i]'s scores, the
+  // final ones selection would use (tova: the shared row repeated per head). keep_all and
+  // precomputed_scores are ignored.
   virtual absl::Status ScoreLayers(const CacheGeometry& geometry, const MethodSpec& spec,
                                    std::span<const LayerJob> jobs,
                                    std::span<LayerScores> scores) = 0;

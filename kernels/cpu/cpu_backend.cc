@@ -117,6 +117,10 @@ class CpuBackend final : public Backend {
                  std::span<const LayerJob> jobs, bool load_attention_inputs,
                  absl::FunctionRef<void(int64_t)> then_head, std::vector<HeadWork>& works);
 
+  // Pass 3: adaptive head budgets choose the positions of every head of each job.
+  static void SelectAdaptive(const MethodSpec& spec, int num_heads, std::span<const LayerJob> jobs,
+                             std::vector<HeadWork>& works);
+
   // Pass 4 for one head of a job not kept whole.
   static void SelectAndReduceHead(const CacheGeometry& geometry, const MethodSpec& spec,
                                   const LayerJob& job, int kv_head, HeadWork& work);
@@ -155,6 +159,26 @@ void CpuBackend::ScoreJobs(const CacheGeometry& geometry, const MethodSpec& spec
     for (int h = 0; h < num_heads; ++h) heads.push_back(&works[i * num_heads + h].scoring);
     cpu::FinishLayerScores(geometry, spec, heads);
     works[i * num_heads].seconds.score += SecondsSince(start);
+  }
+}
+
+void CpuBackend::SelectAdaptive(const MethodSpec& spec, int num_heads,
+                                std::span<const LayerJob> jobs, std::vector<HeadWork>& works) {
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (jobs[i].keep_all) continue;
+    const Clock::time_point start = Clock::now();
+    const int64_t num_tokens = jobs[i].input.shape.num_tokens;
+    std::vector<std::span<const float>> head_scores;
+    for (int h = 0; h < num_heads; ++h) {
+      head_scores.emplace_back(works[i * num_heads + h].scoring.scores);
+    }
+    std::vector<std::vector<int32_t>> kept = cpu::SelectAdaptive(
+        head_scores, std::clamp<int64_t>(jobs[i].tokens_per_head, 1, num_tokens),
+        spec.adaptive.alpha);
+    for (int h = 0; h < num_heads; ++h) {
+      works[i * num_heads + h].rows.positions = std::move(kept[h]);
+    }
+    works[i * num_heads].seconds.select += SecondsSince(start);
   }
 }
 
@@ -264,31 +288,12 @@ absl::Status CpuBackend::CompressLayers(const CacheGeometry& geometry, const Met
     }
     SelectAndReduceHead(geometry, spec, job, static_cast<int>(task % num_heads), work);
   };
-  const auto nothing_yet = [](int64_t) {};
   if (heads_independent) {
     ScoreJobs(geometry, spec, jobs, /*load_attention_inputs=*/true, finish_head, works);
   } else {
-    ScoreJobs(geometry, spec, jobs, /*load_attention_inputs=*/true, nothing_yet, works);
-  }
-  if (!heads_independent) {
-    if (spec.head_budget == HeadBudgetKind::kAdaptive) {
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        if (jobs[i].keep_all) continue;
-        const Clock::time_point start = Clock::now();
-        const int64_t num_tokens = jobs[i].input.shape.num_tokens;
-        std::vector<std::span<const float>> head_scores;
-        for (int h = 0; h < num_heads; ++h) {
-          head_scores.emplace_back(works[i * num_heads + h].scoring.scores);
-        }
-        std::vector<std::vector<int32_t>> kept = cpu::SelectAdaptive(
-            head_scores, std::clamp<int64_t>(jobs[i].tokens_per_head, 1, num_tokens),
-            spec.adaptive.alpha);
-        for (int h = 0; h < num_heads; ++h) {
-          works[i * num_heads + h].rows.positions = std::move(kept[h]);
-        }
-        works[i * num_heads].seconds.select += SecondsSince(start);
-      }
-    }
+    ScoreJobs(
+        geometry, spec, jobs, /*load_attention_inputs=*/true, [](int64_t) {}, works);
+    if (spec.head_budget == HeadBudgetKind::kAdaptive) SelectAdaptive(spec, num_heads, jobs, works);
     pool_.ParallelFor(static_cast<int64_t>(works.size()), finish_head);
   }
 
