@@ -624,7 +624,14 @@ TEST_F(KvcServerTest, MetricsEndpoint) {
   bad.header.mutable_geometry()->set_head_dim(0);
   EXPECT_FALSE(RunStream(*stub_, bad.Messages()).status.ok());
 
-  const std::string response = HttpGet(server_->metrics_port(), "/metrics");
+  // A stream leaves the in-flight gauge when its reactor is done, which can be just after
+  // the client has read the final status: wait (bounded) for that before reading counters.
+  std::string response;
+  for (int attempt = 0; attempt < 250; ++attempt) {
+    response = HttpGet(server_->metrics_port(), "/metrics");
+    if (response.find("kvcompress_requests_in_flight 0\n") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   EXPECT_THAT(response, HasSubstr("HTTP/1.1 200 OK\r\n"));
   EXPECT_THAT(response, HasSubstr("Content-Type: text/plain; version=0.0.4\r\n"));
   EXPECT_THAT(response, HasSubstr("# TYPE kvcompress_requests_total counter\n"));
