@@ -77,6 +77,11 @@ class Backend {
                                    std::span<LayerScores> scores) = 0;
 };
 
+// The input checks every backend makes of jobs[index]: 1 <= T <= 2^31-1, keys and values
+// present, 0 <= W <= T, and queries present when W > 0. INVALID_ARGUMENT naming the job
+// ("jobs[3] (sequence 0 layer 7): ...") otherwise.
+absl::Status ValidateLayerJobInput(const LayerJob& job, size_t index);
+
 // The CPU reference backend with `num_threads` workers (0: hardware concurrency).
 std::unique_ptr<Backend> MakeCpuBackend(int num_threads);
 

@@ -16,7 +16,6 @@
 // tasks too, so none waits on another's.
 #include <algorithm>
 #include <chrono>
-#include <limits>
 #include <memory>
 #include <numeric>
 #include <thread>
@@ -34,6 +33,7 @@
 #include "kernels/cpu/internal/row_gather.h"
 #include "kernels/cpu/internal/thread_pool.h"
 #include "kernels/cpu/internal/token_selection.h"
+#include "kernels/status_macros.h"
 
 namespace kvcompress {
 namespace {
@@ -58,20 +58,8 @@ absl::Status ValidateJob(const CacheGeometry& geometry, const MethodSpec& spec, 
     return absl::InvalidArgumentError(absl::StrCat("jobs[", index, "] (sequence ", job.sequence,
                                                    " layer ", job.layer, "): ", parts...));
   };
+  KVC_RETURN_IF_ERROR(ValidateLayerJobInput(job, index));
   const SequenceShape& shape = job.input.shape;
-  if (shape.num_tokens < 1 || shape.num_tokens > std::numeric_limits<int32_t>::max()) {
-    return error("num_tokens ", shape.num_tokens, " is out of range; expected 1 <= T <= 2^31-1");
-  }
-  if (job.input.keys == nullptr || job.input.values == nullptr) {
-    return error("keys and values are required");
-  }
-  if (shape.num_window_queries < 0 || shape.num_window_queries > shape.num_tokens) {
-    return error("num_window_queries ", shape.num_window_queries,
-                 " is out of range; expected 0 <= W <= num_tokens ", shape.num_tokens);
-  }
-  if (shape.num_window_queries > 0 && job.input.queries == nullptr) {
-    return error("num_window_queries is ", shape.num_window_queries, " but no queries were given");
-  }
   if (job.keep_all || job.precomputed_scores != nullptr) return absl::OkStatus();
   if ((spec.scorer == ScorerKind::kSnapKv || spec.scorer == ScorerKind::kTova) &&
       shape.num_window_queries < 1) {

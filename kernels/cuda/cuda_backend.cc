@@ -223,28 +223,11 @@ absl::Status CudaBackend::Upload(Lease& lease, const CacheGeometry& geometry,
   for (size_t i = 0; i < jobs.size(); ++i) {
     const LayerJob& job = jobs[i];
     const SequenceShape& shape = job.input.shape;
-    const auto error = [&](auto&&... parts) {
-      return absl::InvalidArgumentError(absl::StrCat("jobs[", i, "] (sequence ", job.sequence,
-                                                     " layer ", job.layer, "): ", parts...));
-    };
     if (HasPrecomputedScores(job)) {
       return absl::UnimplementedError(absl::StrCat(
           "jobs[", i, "]: precomputed scores are not implemented by the cuda backend"));
     }
-    if (shape.num_tokens < 1) {
-      return error("num_tokens ", shape.num_tokens, " is out of range; expected >= 1");
-    }
-    if (job.input.keys == nullptr || job.input.values == nullptr) {
-      return error("keys and values are required");
-    }
-    if (shape.num_window_queries < 0 || shape.num_window_queries > shape.num_tokens) {
-      return error("num_window_queries ", shape.num_window_queries,
-                   " is out of range; expected 0 <= W <= num_tokens ", shape.num_tokens);
-    }
-    if (shape.num_window_queries > 0 && job.input.queries == nullptr) {
-      return error("num_window_queries is ", shape.num_window_queries,
-                   " but no queries were given");
-    }
+    KVC_RETURN_IF_ERROR(ValidateLayerJobInput(job, i));
     total += 2 * align(geometry.KeyValueBytes(shape.num_tokens)) +
              align(geometry.QueryBytes(shape.num_window_queries));
   }
