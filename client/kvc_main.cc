@@ -5,10 +5,16 @@
 //                (--keep RATIO | --keep-tokens N) [method and output flags]
 //   kvc synth    --output FILE [--layers --kv-heads --query-heads --head-dim --tokens
 //                --window --dtype --seed]
+//   kvc bench    --server HOST:PORT --method NAME (--keep RATIO | --keep-tokens N)
+//                [--concurrency N] [--duration D | --requests N] [--warmup D] [shape flags]
+//   kvc inspect  OUT.safetensors [--png FILE]
 //
 // `--server` streams the cache through the SDK layer by layer; `--local` runs the same
 // engine in process (MethodSpecFromProto + CompressionPipeline on the CPU backend). Both
-// write the same tensors. Exit codes: 0 success, 1 failure (the status code name and
+// write the same tensors. `bench` loads a kvcd with one synthetic request, sent over and
+// over from N concurrent streams (client/load_generator.h); `inspect` summarises and draws
+// the kept positions of a compressed file (client/kept_summary.h, client/kept_heatmap.h).
+// Exit codes: 0 success, 1 failure (the status code name and
 // message are printed), 2 usage errors.
 #include <unistd.h>
 
@@ -30,9 +36,14 @@
 #include "absl/time/time.h"
 #include "client/cache_file.h"
 #include "client/client.h"
+#include "client/kept_heatmap.h"
+#include "client/kept_summary.h"
+#include "client/load_generator.h"
 #include "client/method_flags.h"
+#include "client/png_writer.h"
 #include "client/progress_bar.h"
 #include "client/synthetic_cache.h"
+#include "google/protobuf/util/json_util.h"
 #include "kernels/backend.h"
 #include "kernels/compression_pipeline.h"
 #include "kernels/layer_result.h"
@@ -113,6 +124,50 @@ const std::vector<FlagSpec>& SynthFlags() {
   return flags;
 }
 
+const std::vector<FlagSpec>& BenchFlags() {
+  static const std::vector<FlagSpec> flags = [] {
+    std::vector<FlagSpec> all = {
+        {"server", true, "HOST:PORT  the kvcd to load"},
+        {"concurrency", true, "N  streams in flight at once (default 1)"},
+        {"duration", true, "DURATION  measured time, e.g. 30s, 2m (default 10s)"},
+        {"requests", true, "N  measure N requests instead of a duration"},
+        {"warmup", true, "DURATION  run before measuring, not counted (default 1s)"},
+        {"deadline", true, "SECONDS  per request (default 60)"},
+        {"json", false, "print the report as JSON"},
+        {"padded", false, "ask for [H_kv, max_kept, D] results"},
+        {"merged-counts", false, "ask for per-row merged counts"},
+    };
+    for (const FlagSpec& flag : SynthFlags()) {
+      if (flag.name == "output") continue;
+      all.push_back(flag);
+    }
+    for (const FlagSpec& flag : MethodFlagSpecs()) {
+      if (flag.name == "window") continue;  // a shape flag here, from SynthFlags
+      all.push_back(flag);
+    }
+    for (FlagSpec& flag : all) {
+      if (flag.name == "window") {
+        flag.help = "W  window queries per layer, also the snapkv window (default 64)";
+      }
+      if (flag.name == "seed") flag.help = "N  synthetic cache seed (default 0)";
+    }
+    return all;
+  }();
+  return flags;
+}
+
+const std::vector<FlagSpec>& InspectFlags() {
+  static const std::vector<FlagSpec> flags = {
+      {"input", true, "FILE  compressed cache (or give it as the first argument)"},
+      {"png", true, "FILE  also write a heatmap of the kept positions"},
+      {"width", true, "N  --png: token columns at most (default 1024)"},
+      {"row-height", true, "PX  --png: pixels per head row (default: 2-24, ~800 px in all)"},
+      {"sinks", true, "N  first positions counted as sinks (default 4)"},
+      {"recent", true, "N  last positions counted as the recent window (default 64)"},
+  };
+  return flags;
+}
+
 void PrintUsage(FILE* out) {
   std::fprintf(out,
                "kvc: the kvcompress command-line tool\n\n"
@@ -122,6 +177,9 @@ void PrintUsage(FILE* out) {
                "      --output OUT.safetensors --method NAME (--keep RATIO | --keep-tokens N)"
                " [flags]\n"
                "  kvc synth --output FILE [flags]\n"
+               "  kvc bench --server HOST:PORT --method NAME (--keep RATIO | --keep-tokens N)\n"
+               "      [--concurrency N] [--duration 10s | --requests N] [shape flags] [--json]\n"
+               "  kvc inspect OUT.safetensors [--png FILE]\n"
                "  kvc help\n\n"
                "flags are --name=value or --name value.\n");
   auto section = [out](const char* title, const std::vector<FlagSpec>& flags) {
@@ -133,6 +191,8 @@ void PrintUsage(FILE* out) {
   section("kvc info", InfoFlags());
   section("kvc compress", CompressFlags());
   section("kvc synth", SynthFlags());
+  section("kvc bench", BenchFlags());
+  section("kvc inspect", InspectFlags());
 }
 
 absl::StatusOr<absl::Duration> DeadlineFlag(const ParsedFlags& flags, absl::Duration fallback) {
@@ -196,11 +256,10 @@ std::optional<CommandError> RunInfo(const ParsedFlags& flags) {
 // ---------------------------------------------------------------------------
 // kvc synth
 
-std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
-  const std::optional<std::string> output = flags.Get("output");
-  if (!output) {
-    return CommandError{absl::InvalidArgumentError("kvc synth: --output is required"), true};
-  }
+// The cache shape flags shared by `kvc synth` and `kvc bench` (--layers, --kv-heads,
+// --query-heads, --head-dim, --tokens, --window, --threads, --seed, --dtype). Usage errors
+// are INVALID_ARGUMENT naming the flag.
+absl::StatusOr<SyntheticCacheOptions> SyntheticOptionsFromFlags(const ParsedFlags& flags) {
   SyntheticCacheOptions options;
   struct IntFlag {
     const char* name;
@@ -219,16 +278,15 @@ std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
                             {"window", &options.num_window_queries, 0, 1u << 30},
                             {"threads", &threads, 1, 1024}}) {
     absl::StatusOr<std::optional<uint32_t>> value = flags.GetUint(flag.name, flag.min, flag.max);
-    if (!value.ok()) return CommandError{value.status(), true};
+    if (!value.ok()) return value.status();
     if (*value) *flag.target = static_cast<int>(**value);
   }
   options.num_tokens = tokens;
   options.num_threads = threads;
   if (std::optional<std::string> seed = flags.Get("seed")) {
     if (!absl::SimpleAtoi(*seed, &options.seed)) {
-      return CommandError{absl::InvalidArgumentError(
-                              absl::StrCat("--seed=", *seed, ": expected a non-negative integer")),
-                          true};
+      return absl::InvalidArgumentError(
+          absl::StrCat("--seed=", *seed, ": expected a non-negative integer"));
     }
   }
   if (std::optional<std::string> dtype = flags.Get("dtype")) {
@@ -239,9 +297,8 @@ std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
     } else if (*dtype == "fp32" || *dtype == "float32" || *dtype == "f32") {
       options.dtype = DType::kFloat32;
     } else {
-      return CommandError{absl::InvalidArgumentError(
-                              absl::StrCat("--dtype=", *dtype, ": expected bf16, fp16 or fp32")),
-                          true};
+      return absl::InvalidArgumentError(
+          absl::StrCat("--dtype=", *dtype, ": expected bf16, fp16 or fp32"));
     }
   }
   // Keep the defaults' proportions for short caches.
@@ -251,6 +308,17 @@ std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
       options.salient_tokens_per_head,
       std::max<int64_t>(0, options.num_tokens - options.num_window_queries - options.num_sinks)));
   options.outlier_channel_pairs = std::min(options.outlier_channel_pairs, options.head_dim / 4);
+  return options;
+}
+
+std::optional<CommandError> RunSynth(const ParsedFlags& flags) {
+  const std::optional<std::string> output = flags.Get("output");
+  if (!output) {
+    return CommandError{absl::InvalidArgumentError("kvc synth: --output is required"), true};
+  }
+  absl::StatusOr<SyntheticCacheOptions> parsed = SyntheticOptionsFromFlags(flags);
+  if (!parsed.ok()) return CommandError{parsed.status(), true};
+  const SyntheticCacheOptions& options = *parsed;
 
   const absl::Time start = absl::Now();
   absl::StatusOr<SyntheticCache> cache = GenerateSyntheticCache(options);
@@ -586,6 +654,318 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
   return std::nullopt;
 }
 
+// ---------------------------------------------------------------------------
+// kvc bench
+
+// absl duration syntax ("10s", "1.5m", "250ms"), or a bare number of seconds.
+absl::StatusOr<std::optional<absl::Duration>> DurationFlag(const ParsedFlags& flags,
+                                                           absl::string_view name) {
+  const std::optional<std::string> text = flags.Get(name);
+  if (!text) return std::optional<absl::Duration>();
+  absl::Duration duration;
+  double seconds = 0;
+  if (absl::SimpleAtod(*text, &seconds)) {
+    duration = absl::Seconds(seconds);
+  } else if (!absl::ParseDuration(*text, &duration)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, "=", *text, ": expected a duration such as 10s, 1.5m or 250ms"));
+  }
+  if (duration < absl::ZeroDuration() || duration == absl::InfiniteDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, "=", *text, ": expected a finite duration >= 0"));
+  }
+  return std::optional<absl::Duration>(duration);
+}
+
+// The method of a bench run. `--window` there is the number of window queries sent (a
+// shape flag, as in `kvc synth`); for snapkv-based methods it is also the observation
+// window, so the two cannot disagree. The method flags are parsed without it.
+absl::StatusOr<v1::MethodSpec> BenchMethodFromFlags(const ParsedFlags& flags, int window) {
+  std::vector<std::string> method_args;
+  for (const auto& [name, value] : flags.values()) {
+    if (name == "window") continue;
+    for (const FlagSpec& spec : MethodFlagSpecs()) {
+      if (spec.name == name) method_args.push_back(absl::StrCat("--", name, "=", value));
+    }
+  }
+  absl::StatusOr<ParsedFlags> method_flags = ParseFlags(method_args, MethodFlagSpecs(), "bench");
+  if (!method_flags.ok()) return method_flags.status();
+  absl::StatusOr<v1::MethodSpec> method = MethodSpecFromFlags(*method_flags);
+  if (!method.ok()) return method.status();
+  if (method->scorer().has_snapkv() && window > 0 && flags.Has("window")) {
+    method->mutable_scorer()->mutable_snapkv()->set_window_size(static_cast<uint32_t>(window));
+  }
+  return method;
+}
+
+std::string Milliseconds(absl::Duration duration) {
+  return absl::StrFormat("%.1f ms", absl::ToDoubleMilliseconds(duration));
+}
+
+void PrintLoadReport(const LoadReport& report, const LoadWorkload& workload) {
+  std::printf("\nrequests    ok %lld, failed %lld", static_cast<long long>(report.requests_ok),
+              static_cast<long long>(report.requests_failed));
+  std::vector<std::string> by_code;
+  for (const auto& [code, failure] : report.failures) {
+    by_code.push_back(absl::StrCat(absl::StatusCodeToString(code), " ", failure.count));
+  }
+  if (!by_code.empty()) std::printf(" (%s)", absl::StrJoin(by_code, ", ").c_str());
+  std::printf(" in %.2f s; warmup %lld ok, %lld failed\n", absl::ToDoubleSeconds(report.measured),
+              static_cast<long long>(report.warmup_ok),
+              static_cast<long long>(report.warmup_failed));
+  std::printf("throughput  %.2f requests/s, %.0f input tokens/s, %.3f GB/s input\n",
+              report.requests_per_second(), report.input_tokens_per_second(),
+              report.input_bytes_per_second() / 1e9);
+  const LatencySummary& latency = report.latency;
+  if (latency.count > 0) {
+    std::printf("latency     p50 %s, p90 %s, p99 %s, max %s (min %s, mean %s; %lld requests)\n",
+                Milliseconds(latency.p50).c_str(), Milliseconds(latency.p90).c_str(),
+                Milliseconds(latency.p99).c_str(), Milliseconds(latency.max).c_str(),
+                Milliseconds(latency.min).c_str(), Milliseconds(latency.mean).c_str(),
+                static_cast<long long>(latency.count));
+  }
+  if (report.requests_ok > 0) {
+    const v1::CacheGeometry& g = workload.header.geometry();
+    const double tokens_in = static_cast<double>(report.input_tokens_per_request) * g.num_layers() *
+                             g.num_kv_heads() * report.requests_ok;
+    std::printf("output      %.2f%% of tokens kept, %s per request\n",
+                100.0 * static_cast<double>(report.tokens_kept) / tokens_in,
+                Bytes(report.bytes_out / report.requests_ok).c_str());
+  }
+  for (const auto& [code, failure] : report.failures) {
+    std::printf("failure     %s x%lld, first: %s\n", absl::StatusCodeToString(code).c_str(),
+                static_cast<long long>(failure.count), failure.first_message.c_str());
+  }
+}
+
+std::optional<CommandError> RunBench(const ParsedFlags& flags) {
+  auto usage = [](absl::Status status) { return CommandError{std::move(status), true}; };
+  const std::optional<std::string> server = flags.Get("server");
+  if (!server) return usage(absl::InvalidArgumentError("kvc bench: --server is required"));
+  if (flags.Has("duration") && flags.Has("requests")) {
+    return usage(absl::InvalidArgumentError("kvc bench: give --duration or --requests, not both"));
+  }
+  LoadOptions options;
+  absl::StatusOr<std::optional<uint32_t>> concurrency = flags.GetUint("concurrency", 1, 4096);
+  if (!concurrency.ok()) return usage(concurrency.status());
+  options.concurrency = static_cast<int>(concurrency->value_or(1));
+  absl::StatusOr<std::optional<uint32_t>> requests = flags.GetUint("requests", 1, UINT32_MAX);
+  if (!requests.ok()) return usage(requests.status());
+  options.requests = requests->value_or(0);
+  absl::StatusOr<std::optional<absl::Duration>> duration = DurationFlag(flags, "duration");
+  if (!duration.ok()) return usage(duration.status());
+  options.duration = duration->value_or(absl::Seconds(10));
+  if (options.requests == 0 && options.duration <= absl::ZeroDuration()) {
+    return usage(absl::InvalidArgumentError("kvc bench: --duration must be > 0"));
+  }
+  absl::StatusOr<std::optional<absl::Duration>> warmup = DurationFlag(flags, "warmup");
+  if (!warmup.ok()) return usage(warmup.status());
+  options.warmup = warmup->value_or(absl::Seconds(1));
+  absl::StatusOr<absl::Duration> deadline = DeadlineFlag(flags, absl::Seconds(60));
+  if (!deadline.ok()) return usage(deadline.status());
+  options.deadline = *deadline;
+
+  absl::StatusOr<SyntheticCacheOptions> cache = SyntheticOptionsFromFlags(flags);
+  if (!cache.ok()) return usage(cache.status());
+  absl::StatusOr<v1::MethodSpec> method = BenchMethodFromFlags(flags, cache->num_window_queries);
+  if (!method.ok()) return usage(method.status());
+  v1::OutputSpec output;
+  output.set_format(flags.GetBool("padded") ? v1::OUTPUT_FORMAT_PADDED : v1::OUTPUT_FORMAT_RAGGED);
+  output.set_return_merged_counts(flags.GetBool("merged-counts"));
+  const bool json = flags.GetBool("json");
+
+  // Inputs are made once, before the clock starts, and sent by every request.
+  absl::StatusOr<std::unique_ptr<SyntheticWorkload>> workload =
+      MakeSyntheticWorkload(*cache, *method, output);
+  if (!workload.ok()) return usage(workload.status());
+  const LoadWorkload& load = (*workload)->workload;
+  ClientOptions client_options;
+  client_options.default_deadline = options.deadline;
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(*server, client_options);
+  if (!client.ok()) return CommandError{client.status()};
+
+  if (!json) {
+    uint64_t bytes = 0;
+    for (const LayerTensors& layer : load.layers) {
+      bytes += layer.keys.size() + layer.values.size() + layer.queries.size();
+    }
+    std::printf("bench   %s: %d streams, %s after %s warmup, deadline %s\n", server->c_str(),
+                options.concurrency,
+                options.requests > 0 ? absl::StrCat(options.requests, " requests").c_str()
+                                     : absl::FormatDuration(options.duration).c_str(),
+                absl::FormatDuration(options.warmup).c_str(),
+                absl::FormatDuration(options.deadline).c_str());
+    std::printf(
+        "input   %d layers, %d KV heads, %d query heads, head_dim %d, %s, T=%lld, W=%d: %s per "
+        "request (seed %llu)\n",
+        cache->num_layers, cache->num_kv_heads, cache->num_query_heads, cache->head_dim,
+        std::string(DTypeName(cache->dtype)).c_str(), static_cast<long long>(cache->num_tokens),
+        cache->num_window_queries, Bytes(bytes).c_str(),
+        static_cast<unsigned long long>(cache->seed));
+    std::printf("method  %s %s\n", MethodName(*method).c_str(), MethodSpecToJson(*method).c_str());
+    std::fflush(stdout);
+  }
+
+  absl::StatusOr<LoadReport> report = RunLoad(**client, load, options);
+  if (!report.ok()) return usage(report.status());
+  if (json) {
+    std::printf("%s\n", LoadReportToJson(*report, load, options, *server).c_str());
+  } else {
+    PrintLoadReport(*report, load);
+  }
+  // A run with failures still prints its report, then fails the command: scripts and CI
+  // see the failure in the exit code, with the most frequent status code.
+  const int64_t failed = report->requests_failed + report->warmup_failed;
+  if (failed > 0) {
+    absl::StatusCode code = absl::StatusCode::kUnknown;
+    int64_t most = 0;
+    for (const auto& [failure_code, failure] : report->failures) {
+      if (failure.count > most) {
+        code = failure_code;
+        most = failure.count;
+      }
+    }
+    return CommandError{absl::Status(
+        code, absl::StrCat(failed, " of ", failed + report->requests_ok + report->warmup_ok,
+                           " requests failed (warmup included)"))};
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------
+// kvc inspect
+
+// "snapkv keep 0.1": the method and budget recorded in a compressed file's metadata.
+std::string DescribeMethod(const std::map<std::string, std::string>& metadata) {
+  auto find = [&](const char* key) {
+    auto it = metadata.find(key);
+    return it == metadata.end() ? std::string() : it->second;
+  };
+  std::string text = find("method");
+  v1::MethodSpec spec;
+  if (google::protobuf::util::JsonStringToMessage(find("parameters"), &spec).ok()) {
+    if (spec.has_keep_ratio()) absl::StrAppend(&text, " keep ", spec.keep_ratio());
+    if (spec.has_keep_tokens()) absl::StrAppend(&text, " keep ", spec.keep_tokens(), " tokens");
+  }
+  return text.empty() ? "unknown method" : text;
+}
+
+std::optional<CommandError> RunInspect(const ParsedFlags& flags) {
+  auto usage = [](absl::Status status) { return CommandError{std::move(status), true}; };
+  const std::optional<std::string> path = flags.Get("input");
+  if (!path) {
+    return usage(absl::InvalidArgumentError("kvc inspect: give the compressed file to read"));
+  }
+  absl::StatusOr<std::optional<uint32_t>> sinks = flags.GetUint("sinks", 0, 1u << 30);
+  if (!sinks.ok()) return usage(sinks.status());
+  absl::StatusOr<std::optional<uint32_t>> recent = flags.GetUint("recent", 0, 1u << 30);
+  if (!recent.ok()) return usage(recent.status());
+  KeptHeatmapOptions heatmap_options;
+  absl::StatusOr<std::optional<uint32_t>> width = flags.GetUint("width", 1, 1u << 16);
+  if (!width.ok()) return usage(width.status());
+  heatmap_options.max_columns = static_cast<int>(width->value_or(1024));
+  absl::StatusOr<std::optional<uint32_t>> row_height = flags.GetUint("row-height", 1, 256);
+  if (!row_height.ok()) return usage(row_height.status());
+  heatmap_options.row_pixels = static_cast<int>(row_height->value_or(0));
+  const std::optional<std::string> png = flags.Get("png");
+  if (!png && (flags.Has("width") || flags.Has("row-height"))) {
+    return usage(absl::InvalidArgumentError("--width and --row-height apply to --png only"));
+  }
+
+  absl::StatusOr<CompressedCacheFile> file = ReadCompressedCache(*path);
+  if (!file.ok()) return CommandError{file.status()};
+  const CacheGeometry& g = file->geometry;
+  const std::string method = DescribeMethod(file->metadata);
+  absl::StatusOr<std::vector<LayerKeptSummary>> summaries =
+      SummarizeKept(file->layers, file->num_tokens, sinks->value_or(4), recent->value_or(64));
+  if (!summaries.ok()) return CommandError{summaries.status()};
+
+  std::printf("file    %s (%s)\n", path->c_str(), file->padded ? "padded" : "ragged");
+  std::printf("cache   %d layers, %d KV heads, %d query heads, head_dim %d, %s, T=%lld\n",
+              g.num_layers, g.num_kv_heads, g.num_query_heads, g.head_dim,
+              std::string(DTypeName(g.dtype)).c_str(), static_cast<long long>(file->num_tokens));
+  std::printf("method  %s\n", method.c_str());
+  const bool merged = std::any_of(file->layers.begin(), file->layers.end(),
+                                  [](const LayerResult& l) { return !l.merged.empty(); });
+  const int64_t sink_count = std::min<int64_t>(sinks->value_or(4), file->num_tokens);
+  const int64_t recent_count = std::min<int64_t>(recent->value_or(64), file->num_tokens);
+  std::printf("\n%5s %8s %9s %8s %8s %9s %11s %9s%s %10s\n", "layer", "min/head", "mean/head",
+              "max/head", "kept%", absl::StrCat("sinks[", sink_count, "]").c_str(),
+              absl::StrCat("recent[", recent_count, "]").c_str(), "any-head",
+              merged ? absl::StrFormat(" %8s", "merged").c_str() : "", "attn_mass");
+  int64_t total = 0, min_kept = INT64_MAX, max_kept = 0;
+  double sinks_sum = 0, recent_sum = 0, any_sum = 0, mass_sum = 0;
+  int mass_count = 0;
+  const double per_layer = static_cast<double>(file->num_tokens) * g.num_kv_heads;
+  for (const LayerKeptSummary& s : *summaries) {
+    std::printf(
+        "%5d %8lld %9.1f %8lld %7.2f%% %8.1f%% %10.1f%% %8.1f%%%s %10s\n", s.layer,
+        static_cast<long long>(s.min_kept), s.mean_kept, static_cast<long long>(s.max_kept),
+        100.0 * s.total_kept / per_layer, 100.0 * s.sinks_kept, 100.0 * s.recent_kept,
+        100.0 * s.any_head_kept,
+        merged ? absl::StrFormat(" %8lld", static_cast<long long>(s.merged_rows)).c_str() : "",
+        Mass(s.attention_mass_kept).c_str());
+    total += s.total_kept;
+    min_kept = std::min(min_kept, s.min_kept);
+    max_kept = std::max(max_kept, s.max_kept);
+    sinks_sum += s.sinks_kept;
+    recent_sum += s.recent_kept;
+    any_sum += s.any_head_kept;
+    if (s.attention_mass_kept >= 0) {
+      mass_sum += s.attention_mass_kept;
+      ++mass_count;
+    }
+  }
+  const double layers = static_cast<double>(summaries->size());
+  std::printf("%5s %8lld %9.1f %8lld %7.2f%% %8.1f%% %10.1f%% %8.1f%%%s %10s\n", "all",
+              static_cast<long long>(min_kept), total / (layers * g.num_kv_heads),
+              static_cast<long long>(max_kept), 100.0 * total / (per_layer * layers),
+              100.0 * sinks_sum / layers, 100.0 * recent_sum / layers, 100.0 * any_sum / layers,
+              merged ? absl::StrFormat(" %8s", "").c_str() : "",
+              mass_count ? Mass(mass_sum / mass_count).c_str() : "-");
+
+  if (png) {
+    heatmap_options.title = absl::StrCat(method, "  T=", file->num_tokens, "  ", g.num_layers,
+                                         " LAYERS X ", g.num_kv_heads, " KV HEADS");
+    absl::StatusOr<KeptHeatmap> heatmap =
+        RenderKeptHeatmap(file->layers, file->num_tokens, heatmap_options);
+    if (!heatmap.ok()) return CommandError{heatmap.status()};
+    absl::Status status = WritePng(
+        *png, heatmap->image,
+        {{"Title", heatmap_options.title}, {"Source", *path}, {"Software", "kvc inspect"}});
+    if (!status.ok()) return CommandError{status};
+    const int64_t per_column =
+        (file->num_tokens + heatmap->fractions.num_columns - 1) / heatmap->fractions.num_columns;
+    std::printf(
+        "\nwrote   %s (%dx%d: %d columns of %s%lld token%s, %d px per head row)\n", png->c_str(),
+        heatmap->image.width(), heatmap->image.height(), heatmap->fractions.num_columns,
+        file->num_tokens % heatmap->fractions.num_columns ? "up to " : "",
+        static_cast<long long>(per_column), per_column == 1 ? "" : "s", heatmap->row_pixels);
+  }
+  return std::nullopt;
+}
+
+// `kvc inspect FILE`: the one positional argument becomes --input, so the rest parses as
+// flags. Returns the arguments unchanged when there is none; more than one is left for
+// ParseFlags to reject.
+std::vector<std::string> PositionalToInputFlag(std::vector<std::string> args,
+                                               const std::vector<FlagSpec>& known) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg.rfind("--", 0) == 0) {
+      const std::string name = arg.substr(2, arg.find('=') - 2);
+      const bool takes_value = std::any_of(known.begin(), known.end(), [&](const FlagSpec& f) {
+        return f.name == name && f.takes_value;
+      });
+      if (takes_value && arg.find('=') == std::string::npos) ++i;  // skip its value
+      continue;
+    }
+    args[i] = "--input=" + arg;
+    break;
+  }
+  return args;
+}
+
 int Main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
@@ -609,9 +989,17 @@ int Main(int argc, char** argv) {
   } else if (command == "synth") {
     known = &SynthFlags();
     run = RunSynth;
+  } else if (command == "bench") {
+    known = &BenchFlags();
+    run = RunBench;
+  } else if (command == "inspect") {
+    known = &InspectFlags();
+    run = RunInspect;
+    args = PositionalToInputFlag(std::move(args), *known);
   } else {
-    return Report({absl::InvalidArgumentError(absl::StrCat("unknown command \"", command,
-                                                           "\"; expected info, compress or synth")),
+    return Report({absl::InvalidArgumentError(
+                       absl::StrCat("unknown command \"", command,
+                                    "\"; expected info, compress, synth, bench or inspect")),
                    true});
   }
   for (const std::string& arg : args) {

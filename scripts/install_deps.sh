@@ -4,12 +4,14 @@
 set -euo pipefail
 
 # civetweb (the tool) is listed because civetweb's CMake package checks that its binary
-# exists, although kvcd only links the library.
+# exists, although kvcd only links the library. zlib compresses the PNG heatmaps of
+# `kvc inspect`; libpng decodes them in the tests (a reader independent of ours).
 packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev nlohmann-json3-dev libcivetweb-dev civetweb
   libgtest-dev libgmock-dev libbenchmark-dev
+  zlib1g-dev libpng-dev
   curl python3
 )
 # kubectl renders the Kubernetes manifests (tests/deploy). This image may already carry one
