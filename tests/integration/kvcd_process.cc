@@ -9,10 +9,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include "absl/status/status.h"
@@ -31,7 +33,21 @@ int ReadPortFile(const std::string& path) {
   return 0;
 }
 
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const char* output_path) {
+// `environment` ("NAME=value" entries) is added to this process's environment, replacing
+// variables of the same name.
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const char* output_path,
+                            const std::vector<std::string>& environment = {}) {
+  std::vector<char*> env;
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    const std::string_view existing(*entry);
+    const bool replaced = std::any_of(environment.begin(), environment.end(), [&](const auto& e) {
+      const size_t equals = e.find('=');
+      return existing.substr(0, existing.find('=')) == std::string_view(e).substr(0, equals);
+    });
+    if (!replaced) env.push_back(*entry);
+  }
+  for (const std::string& entry : environment) env.push_back(const_cast<char*>(entry.c_str()));
+  env.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   if (output_path != nullptr) {
@@ -43,7 +59,7 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const char* ou
   for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
   args.push_back(nullptr);
   pid_t pid = -1;
-  const int error = posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ);
+  const int error = posix_spawn(&pid, args[0], &actions, nullptr, args.data(), env.data());
   posix_spawn_file_actions_destroy(&actions);
   if (error != 0) return absl::InternalError(absl::StrCat("cannot start ", argv[0], ": ", error));
   return pid;
@@ -65,11 +81,16 @@ std::string MakeScratchDir() {
 
 absl::StatusOr<std::unique_ptr<KvcdProcess>> KvcdProcess::Start(
     const std::vector<std::string>& extra_flags) {
+  return StartWithEnvironment(extra_flags, {});
+}
+
+absl::StatusOr<std::unique_ptr<KvcdProcess>> KvcdProcess::StartWithEnvironment(
+    const std::vector<std::string>& extra_flags, const std::vector<std::string>& environment) {
   std::unique_ptr<KvcdProcess> process(new KvcdProcess());
   process->scratch_dir_ = MakeScratchDir();
   const std::string port_file = process->scratch_dir_ + "/port";
   const std::string metrics_port_file = process->scratch_dir_ + "/metrics_port";
-  const std::string log_file = process->scratch_dir_ + "/kvcd.log";
+  const std::string log_file = process->log_path();
   std::vector<std::string> argv = {BinDir() + "/kvcd",
                                    "--address=127.0.0.1:0",
                                    "--port_file=" + port_file,
@@ -78,7 +99,7 @@ absl::StatusOr<std::unique_ptr<KvcdProcess>> KvcdProcess::Start(
                                    "--worker_threads=2",
                                    "--backend_threads=2"};
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
-  auto pid = Spawn(argv, log_file.c_str());
+  auto pid = Spawn(argv, log_file.c_str(), environment);
   if (!pid.ok()) return pid.status();
   process->pid_ = *pid;
 

@@ -22,6 +22,9 @@ class KvcdProcess final {
   // Starts kvcd with `extra_flags` appended and waits (up to 60 s) until it listens.
   static absl::StatusOr<std::unique_ptr<KvcdProcess>> Start(
       const std::vector<std::string>& extra_flags = {});
+  // Same, with `environment` ("NAME=value" entries) added to kvcd's environment.
+  static absl::StatusOr<std::unique_ptr<KvcdProcess>> StartWithEnvironment(
+      const std::vector<std::string>& extra_flags, const std::vector<std::string>& environment);
   ~KvcdProcess();
 
   KvcdProcess(const KvcdProcess&) = delete;
@@ -30,6 +33,8 @@ class KvcdProcess final {
   std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
   int metrics_port() const { return metrics_port_; }
   pid_t pid() const { return pid_; }
+  // kvcd's stdout and stderr (its structured log), written as it runs.
+  std::string log_path() const { return scratch_dir_ + "/kvcd.log"; }
   // Whether the process is still running (it must be after every malformed request).
   bool Alive();
   // Sends SIGTERM and waits up to `timeout_seconds` for exit; returns the exit status as
