@@ -4,10 +4,10 @@
 //
 // ApplyFlagsFromEnvironment runs before absl::ParseCommandLine, so a flag given on the
 // command line overrides its variable. Only flags the caller selects are looked at (kvcd
-// selects the flags defined in service/main.cc), so absl's own flags (--flagfile, --help, ...) keep
-// their usual meaning. Variables with the prefix that name no selected flag are ignored on
-// purpose: Kubernetes injects service-link variables such as KVCD_SERVICE_HOST and KVCD_PORT
-// into every pod when a Service is called "kvcd".
+// selects the flags defined in service/main.cc), so absl's own flags (--flagfile, --help,
+// ...) keep their usual meaning. Variables with the prefix that name no selected flag are
+// ignored on purpose: Kubernetes injects service-link variables such as KVCD_SERVICE_HOST
+// and KVCD_PORT into every pod when a Service is called "kvcd".
 //
 // A variable that is set, even to the empty string, is a value: KVCD_METRICS_ADDRESS= turns
 // /metrics off just as --metrics_address= does.
