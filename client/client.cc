@@ -4,11 +4,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -49,6 +53,81 @@ absl::Duration Resolve(absl::Duration deadline, const ClientOptions& options) {
 void SetDeadline(grpc::ClientContext& context, absl::Duration deadline) {
   if (deadline == absl::InfiniteDuration()) return;
   context.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+}
+
+// A small file (PEM, token) whole; errors name the option and the path.
+absl::StatusOr<std::string> ReadOptionFile(const std::string& path, absl::string_view option) {
+  constexpr std::streamoff kMaxBytes = 4 << 20;
+  std::ifstream in(path, std::ios::binary);
+  if (!in.is_open()) {
+    const int error = errno;
+    const std::string where = absl::StrCat("ClientOptions.", option, " ", path, ": ");
+    if (error == ENOENT || error == ENOTDIR) return absl::NotFoundError(where + "no such file");
+    if (error == EACCES) return absl::PermissionDeniedError(where + "permission denied");
+    return absl::InvalidArgumentError(where + std::strerror(error));
+  }
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad() || static_cast<std::streamoff>(content.size()) > kMaxBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("ClientOptions.", option, " ", path,
+                                                   ": not a readable file of at most 4 MiB"));
+  }
+  return content;
+}
+
+// The "Bearer <token>" metadata value from the options; empty when no token is configured.
+absl::StatusOr<std::string> Authorization(const ClientOptions& options) {
+  if (!options.auth_token.empty() && !options.auth_token_file.empty()) {
+    return absl::InvalidArgumentError("ClientOptions: set auth_token or auth_token_file, not both");
+  }
+  std::string token = options.auth_token;
+  if (!options.auth_token_file.empty()) {
+    absl::StatusOr<std::string> content =
+        ReadOptionFile(options.auth_token_file, "auth_token_file");
+    if (!content.ok()) return content.status();
+    token = *std::move(content);
+    // Files written by echo or mounted from a Kubernetes Secret end in a newline.
+    while (!token.empty() && absl::ascii_isspace(static_cast<unsigned char>(token.back()))) {
+      token.pop_back();
+    }
+    if (token.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ClientOptions.auth_token_file ", options.auth_token_file, ": empty"));
+    }
+  }
+  if (token.empty()) return std::string();
+  for (size_t i = 0; i < token.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(token[i]);
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ClientOptions auth token: byte ", i,
+                       " is not printable ASCII (0x21-0x7e), which gRPC metadata cannot carry"));
+    }
+  }
+  return absl::StrCat("Bearer ", token);
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> TlsCredentials(const TlsOptions& tls) {
+  if (tls.cert_file.empty() != tls.key_file.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ClientOptions.tls: cert_file and key_file go together (mTLS); ",
+                     tls.cert_file.empty() ? "key_file" : "cert_file", " is set, ",
+                     tls.cert_file.empty() ? "cert_file" : "key_file", " is not"));
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!tls.root_ca_file.empty()) {
+    absl::StatusOr<std::string> roots = ReadOptionFile(tls.root_ca_file, "tls.root_ca_file");
+    if (!roots.ok()) return roots.status();
+    ssl.pem_root_certs = *std::move(roots);
+  }
+  if (!tls.cert_file.empty()) {
+    absl::StatusOr<std::string> cert = ReadOptionFile(tls.cert_file, "tls.cert_file");
+    if (!cert.ok()) return cert.status();
+    absl::StatusOr<std::string> key = ReadOptionFile(tls.key_file, "tls.key_file");
+    if (!key.ok()) return key.status();
+    ssl.pem_cert_chain = *std::move(cert);
+    ssl.pem_private_key = *std::move(key);
+  }
+  return grpc::SslCredentials(ssl);
 }
 
 absl::Status Violation(absl::string_view what) {
@@ -178,9 +257,11 @@ CompressSession::~CompressSession() {
   WaitForEnd().IgnoreError();
 }
 
-absl::Status CompressSession::Start(v1::KvCompress::Stub* stub, absl::Duration deadline) {
+absl::Status CompressSession::Start(v1::KvCompress::Stub* stub, absl::Duration deadline,
+                                    const std::string& authorization) {
   context_ = std::make_unique<grpc::ClientContext>();
   SetDeadline(*context_, deadline);
+  if (!authorization.empty()) context_->AddMetadata("authorization", authorization);
   stream_ = stub->Compress(context_.get());
   v1::CompressRequest request;
   *request.mutable_header() = header_;
@@ -561,22 +642,49 @@ absl::Status CompressSession::FinalStatus() {
 // ---------------------------------------------------------------------------
 // Client
 
-Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options)
+Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options,
+               std::string authorization)
     : channel_(std::move(channel)),
       stub_(v1::KvCompress::NewStub(channel_)),
-      options_(std::move(options)) {}
+      options_(std::move(options)),
+      authorization_(std::move(authorization)) {}
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(std::string target, ClientOptions options) {
   if (target.empty()) return absl::InvalidArgumentError("Connect: empty target");
-  std::shared_ptr<grpc::ChannelCredentials> credentials =
-      options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
+  if (options.credentials != nullptr && options.tls.on()) {
+    return absl::InvalidArgumentError("ClientOptions: set credentials or tls, not both");
+  }
+  if (!options.tls.server_name.empty() && !options.tls.on() && options.credentials == nullptr) {
+    return absl::InvalidArgumentError(
+        "ClientOptions.tls.server_name is set but TLS is off; set tls.enabled or tls.root_ca_file");
+  }
+  std::shared_ptr<grpc::ChannelCredentials> credentials = options.credentials;
+  if (credentials == nullptr && options.tls.on()) {
+    absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> tls = TlsCredentials(options.tls);
+    if (!tls.ok()) return tls.status();
+    credentials = *std::move(tls);
+  }
+  if (credentials == nullptr) credentials = grpc::InsecureChannelCredentials();
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(8 << 20);  // a result chunk is < 4 MiB; headroom
-  return FromChannel(grpc::CreateCustomChannel(target, credentials, arguments), std::move(options));
+  if (!options.tls.server_name.empty()) {
+    arguments.SetSslTargetNameOverride(options.tls.server_name);
+  }
+  return Create(grpc::CreateCustomChannel(target, credentials, arguments), std::move(options));
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::FromChannel(std::shared_ptr<grpc::Channel> channel,
                                                             ClientOptions options) {
+  if (options.tls.on() || !options.tls.server_name.empty()) {
+    return absl::InvalidArgumentError(
+        "FromChannel: ClientOptions.tls applies to Connect; the channel brings its own "
+        "credentials");
+  }
+  return Create(std::move(channel), std::move(options));
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(std::shared_ptr<grpc::Channel> channel,
+                                                       ClientOptions options) {
   if (channel == nullptr) return absl::InvalidArgumentError("FromChannel: null channel");
   if (options.max_chunk_bytes == 0 || options.max_chunk_bytes > kDefaultMaxChunkBytes) {
     return absl::InvalidArgumentError(
@@ -588,12 +696,16 @@ absl::StatusOr<std::unique_ptr<Client>> Client::FromChannel(std::shared_ptr<grpc
         "ClientOptions.default_deadline = ", absl::FormatDuration(options.default_deadline),
         ", expected > 0"));
   }
-  return std::unique_ptr<Client>(new Client(std::move(channel), std::move(options)));
+  absl::StatusOr<std::string> authorization = Authorization(options);
+  if (!authorization.ok()) return authorization.status();
+  return std::unique_ptr<Client>(
+      new Client(std::move(channel), std::move(options), *std::move(authorization)));
 }
 
 absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(absl::Duration deadline) {
   grpc::ClientContext context;
   SetDeadline(context, Resolve(deadline, options_));
+  if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
   v1::ServerInfo info;
   grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
   if (!status.ok()) return FromGrpcStatus(status);
@@ -607,7 +719,9 @@ absl::StatusOr<std::unique_ptr<CompressSession>> Client::StartCompress(v1::Compr
   const absl::Duration deadline = Resolve(options.deadline, options_);
   auto session = std::unique_ptr<CompressSession>(
       new CompressSession(std::move(header), options_.max_chunk_bytes, std::move(options)));
-  if (absl::Status status = session->Start(stub_.get(), deadline); !status.ok()) return status;
+  if (absl::Status status = session->Start(stub_.get(), deadline, authorization_); !status.ok()) {
+    return status;
+  }
   return session;
 }
 

@@ -60,11 +60,36 @@ namespace kvcompress {
 // The largest tensor payload of one chunk: 4 MiB − 1 KiB (proto file comment).
 inline constexpr size_t kDefaultMaxChunkBytes = 4 * 1024 * 1024 - 1024;
 
+// TLS for Client::Connect, from PEM files. TLS is on when `enabled` is set or any file is.
+struct TlsOptions {
+  bool enabled = false;
+  // CA certificates that sign the server's certificate; empty: the system's trusted roots.
+  std::string root_ca_file;
+  // mTLS: this client's certificate chain and its unencrypted private key; both or neither.
+  std::string cert_file;
+  std::string key_file;
+  // The name the server's certificate must carry, instead of the target's host (for targets
+  // given by IP or through a proxy, and tests). Empty: the target's host.
+  std::string server_name;
+
+  bool on() const {
+    return enabled || !root_ca_file.empty() || !cert_file.empty() || !key_file.empty();
+  }
+};
+
 struct ClientOptions {
   // Deadline of a call that names none. Default 300 s.
   absl::Duration default_deadline = absl::Seconds(300);
-  // Channel credentials; null means insecure (plaintext).
+  // Channel credentials for Connect; null means `tls`, or plaintext when TLS is off. Set
+  // either this or `tls`, not both.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  TlsOptions tls;
+  // Bearer token sent as the metadata "authorization: Bearer <token>" on every call, for a
+  // kvcd started with --auth_token_file; or the file to read it from (trailing whitespace
+  // is dropped). At most one of the two. Without TLS the token crosses the network in
+  // plaintext: use it on plaintext channels only inside a trusted network or mesh.
+  std::string auth_token;
+  std::string auth_token_file;
   // Tensor bytes per TensorChunk, in [1, kDefaultMaxChunkBytes]. Default the maximum.
   size_t max_chunk_bytes = kDefaultMaxChunkBytes;
 };
@@ -167,7 +192,9 @@ class CompressSession final {
   using Stream = grpc::ClientReaderWriter<v1::CompressRequest, v1::CompressResponse>;
 
   CompressSession(v1::CompressHeader header, size_t max_chunk_bytes, SessionOptions options);
-  absl::Status Start(v1::KvCompress::Stub* stub, absl::Duration deadline);
+  // `authorization`: the metadata value to send, or empty.
+  absl::Status Start(v1::KvCompress::Stub* stub, absl::Duration deadline,
+                     const std::string& authorization);
   void ReadLoop();
   // Handles one response; a non-OK status is a protocol violation.
   absl::Status HandleResponse(v1::CompressResponse& response);
@@ -221,12 +248,15 @@ class CompressSession final {
 
 class Client final {
  public:
-  // Creates a channel to `target` ("host:port", "unix:/path", ...). The connection is
-  // made lazily: an unreachable server shows as UNAVAILABLE on the first call.
-  // INVALID_ARGUMENT for an empty target or bad options.
+  // Creates a channel to `target` ("host:port", "unix:/path", ...), with TLS when
+  // options.tls is on. The connection is made lazily: an unreachable server, or one whose
+  // certificate this client does not trust, shows as UNAVAILABLE on the first call.
+  // INVALID_ARGUMENT for an empty target or bad options; NOT_FOUND / PERMISSION_DENIED /
+  // INVALID_ARGUMENT naming the option and path when a TLS or token file cannot be used.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(std::string target,
                                                          ClientOptions options = {});
-  // Uses an existing channel (in-process servers in tests, custom channel arguments).
+  // Uses an existing channel (in-process servers in tests, custom channel arguments). The
+  // channel brings its own credentials: options.tls and options.credentials must be unset.
   static absl::StatusOr<std::unique_ptr<Client>> FromChannel(std::shared_ptr<grpc::Channel> channel,
                                                              ClientOptions options = {});
 
@@ -248,11 +278,15 @@ class Client final {
   const ClientOptions& options() const { return options_; }
 
  private:
-  Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options);
+  Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options, std::string authorization);
+  // Checks the options and resolves the token; shared by Connect and FromChannel.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(std::shared_ptr<grpc::Channel> channel,
+                                                        ClientOptions options);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvCompress::Stub> stub_;
   ClientOptions options_;
+  std::string authorization_;  // "Bearer <token>", or empty
 };
 
 // Bytes of one element of `dtype`: 2 for fp16 and bf16, 4 for fp32, 0 for unspecified.

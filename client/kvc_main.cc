@@ -36,6 +36,7 @@
 #include "absl/time/time.h"
 #include "client/cache_file.h"
 #include "client/client.h"
+#include "client/connection_flags.h"
 #include "client/kept_heatmap.h"
 #include "client/kept_summary.h"
 #include "client/load_generator.h"
@@ -83,10 +84,14 @@ std::string Bytes(uint64_t bytes) {
 std::string Mass(double mass) { return mass < 0 ? "-" : absl::StrFormat("%.4f", mass); }
 
 const std::vector<FlagSpec>& InfoFlags() {
-  static const std::vector<FlagSpec> flags = {
-      {"server", true, "HOST:PORT  the kvcd to ask"},
-      {"deadline", true, "SECONDS  (default 30)"},
-  };
+  static const std::vector<FlagSpec> flags = [] {
+    std::vector<FlagSpec> all = {
+        {"server", true, "HOST:PORT  the kvcd to ask"},
+        {"deadline", true, "SECONDS  (default 30)"},
+    };
+    for (const FlagSpec& flag : ConnectionFlagSpecs()) all.push_back(flag);
+    return all;
+  }();
   return flags;
 }
 
@@ -102,6 +107,7 @@ const std::vector<FlagSpec>& CompressFlags() {
         {"threads", true, "N  --local: engine threads (default: all cores)"},
         {"deadline", true, "SECONDS  --server: deadline of the whole call (default 300)"},
     };
+    for (const FlagSpec& flag : ConnectionFlagSpecs()) all.push_back(flag);
     for (const FlagSpec& flag : MethodFlagSpecs()) all.push_back(flag);
     return all;
   }();
@@ -137,6 +143,7 @@ const std::vector<FlagSpec>& BenchFlags() {
         {"padded", false, "ask for [H_kv, max_kept, D] results"},
         {"merged-counts", false, "ask for per-row merged counts"},
     };
+    for (const FlagSpec& flag : ConnectionFlagSpecs()) all.push_back(flag);
     for (const FlagSpec& flag : SynthFlags()) {
       if (flag.name == "output") continue;
       all.push_back(flag);
@@ -210,7 +217,11 @@ std::optional<CommandError> RunInfo(const ParsedFlags& flags) {
     return CommandError{absl::InvalidArgumentError("kvc info: --server is required"), true};
   absl::StatusOr<absl::Duration> deadline = DeadlineFlag(flags, absl::Seconds(30));
   if (!deadline.ok()) return CommandError{deadline.status(), true};
-  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(*server);
+  ClientOptions client_options;
+  if (absl::Status status = ApplyConnectionFlags(flags, client_options); !status.ok()) {
+    return CommandError{status, true};
+  }
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(*server, client_options);
   if (!client.ok()) return CommandError{client.status()};
   absl::StatusOr<v1::ServerInfo> info = (*client)->GetServerInfo(*deadline);
   if (!info.ok()) return CommandError{info.status()};
@@ -365,6 +376,7 @@ struct CompressJob {
   v1::MethodSpec method;
   v1::OutputSpec output;
   std::string server;
+  ClientOptions connection;  // TLS and token (connection_flags.h)
   absl::Duration deadline = absl::Seconds(300);
   int threads = 0;
 };
@@ -376,7 +388,7 @@ absl::Status CompressThroughServer(const CompressJob& job,
   const CacheFileView& input = *job.input;
   const CacheGeometry& geometry = input.geometry();
   const int num_layers = geometry.num_layers;
-  ClientOptions client_options;
+  ClientOptions client_options = job.connection;
   client_options.default_deadline = job.deadline;
   absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(job.server, client_options);
   if (!client.ok()) return client.status();
@@ -576,6 +588,12 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
   if (!threads.ok()) return CommandError{threads.status(), true};
   job.threads = *threads ? static_cast<int>(**threads) : 0;
   if (server) job.server = *server;
+  if (absl::Status status = ApplyConnectionFlags(flags, job.connection); !status.ok()) {
+    return CommandError{status, true};
+  }
+  if (local && (job.connection.tls.on() || !job.connection.auth_token_file.empty())) {
+    return usage("--tls* and --auth-token-file apply to --server only");
+  }
 
   absl::StatusOr<std::unique_ptr<CacheFileView>> input = CacheFileView::Open(*input_path);
   if (!input.ok()) return CommandError{input.status()};
@@ -780,6 +798,9 @@ std::optional<CommandError> RunBench(const ParsedFlags& flags) {
   if (!workload.ok()) return usage(workload.status());
   const LoadWorkload& load = (*workload)->workload;
   ClientOptions client_options;
+  if (absl::Status status = ApplyConnectionFlags(flags, client_options); !status.ok()) {
+    return usage(status);
+  }
   client_options.default_deadline = options.deadline;
   absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(*server, client_options);
   if (!client.ok()) return CommandError{client.status()};
