@@ -7,6 +7,11 @@
 
 namespace kvcompress {
 
+absl::Status Backend::Supports(const MethodSpec& spec, int head_dim) const {
+  (void)head_dim;
+  return CheckMethodImplemented(spec);
+}
+
 absl::Status ValidateLayerJobInput(const LayerJob& job, size_t index) {
   const auto error = [&](auto&&... parts) {
     return absl::InvalidArgumentError(absl::StrCat("jobs[", index, "] (sequence ", job.sequence,

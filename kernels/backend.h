@@ -10,9 +10,11 @@
 #ifndef KVCOMPRESS_KERNELS_BACKEND_H_
 #define KVCOMPRESS_KERNELS_BACKEND_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -39,6 +41,16 @@ struct LayerJob {
   const float* precomputed_scores = nullptr;
 };
 
+// One accelerator a backend runs on, and its memory as the backend sees it now.
+struct BackendDevice {
+  int ordinal = 0;
+  std::string name;                // "NVIDIA H100 80GB HBM3"
+  std::string compute_capability;  // "9.0"
+  size_t total_memory_bytes = 0;   // the device's memory
+  size_t budget_bytes = 0;         // what the backend may hold at once
+  size_t in_use_bytes = 0;         // what it holds now (inputs, scratch, results in flight)
+};
+
 // Per-head importance scores of one layer: [H_kv, T] fp32, higher = more important;
 // window tokens and protected tokens score +inf.
 struct LayerScores {
@@ -53,6 +65,15 @@ class Backend {
 
   // "cpu" or "cuda".
   virtual std::string_view name() const = 0;
+
+  // OK when this backend runs `spec` on head_dim `head_dim` itself; UNIMPLEMENTED naming the
+  // first stage it does not run. Callers route such requests to another backend (kvcd falls
+  // back to the CPU reference). The default: every stage CheckMethodImplemented accepts.
+  virtual absl::Status Supports(const MethodSpec& spec, int head_dim) const;
+
+  // The devices this backend runs on (empty for the CPU backend), with memory use at the time
+  // of the call. Thread-safe.
+  virtual std::vector<BackendDevice> Devices() const { return {}; }
 
   // Scores, selects, gathers and reduces each job; results[i] receives jobs[i]'s result:
   // ragged per head (adaptive head budgets give heads different counts; merge_similar may

@@ -9,9 +9,12 @@
 // kernels/cuda/cuda_compressor.h instead, which takes device pointers.
 //
 // Implemented stages: scorers snapkv (avg/max pooling, any odd kernel size, mean/max/sum group
-// reduction), knorm and streaming; protect_sinks / protect_recent; uniform head budgets; the
-// drop reducer; attention_mass_kept. Any other scorer, head budget or reducer answers
-// UNIMPLEMENTED naming the stage; head_dim other than 64, 128 and 256 answers UNIMPLEMENTED.
+// reduction), knorm, streaming, keydiff and observed (client scores, per KV head or
+// group-reduced); protect_sinks / protect_recent; uniform and adaptive head budgets (AdaKV,
+// truly ragged heads); the drop reducer; attention_mass_kept. Any other scorer (tova) or
+// reducer (merge_similar, merge_nearest) answers UNIMPLEMENTED naming the stage; head_dim
+// other than 64, 128 and 256 answers UNIMPLEMENTED. kvcd routes those requests to the CPU
+// reference (Backend::Supports, service/backend_router.h).
 //
 // This header compiles without CUDA. In a build without CUDA, MakeCudaBackend answers
 // UNIMPLEMENTED; in a build with CUDA on a machine without a device, FAILED_PRECONDITION.

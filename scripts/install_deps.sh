@@ -5,7 +5,8 @@ set -euo pipefail
 
 # civetweb (the tool) is listed because civetweb's CMake package checks that its binary
 # exists, although kvcd only links the library. zlib compresses the PNG heatmaps of
-# `kvc inspect`; libpng decodes them in the tests (a reader independent of ours).
+# `kvc inspect`; libpng decodes them in the tests (a reader independent of ours). prometheus
+# brings promtool and the Prometheus server that the observability tests run against kvcd.
 packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
@@ -13,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev libpng-dev
   curl python3
+  prometheus
 )
 # kubectl renders the Kubernetes manifests (tests/deploy). This image may already carry one
 # from another package, which Debian's kubernetes-client would conflict with.

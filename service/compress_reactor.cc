@@ -16,6 +16,34 @@ double Seconds(std::chrono::steady_clock::duration duration) {
   return std::chrono::duration<double>(duration).count();
 }
 
+// The `transport` label of the byte counters: "inline", "cuda_ipc", "nccl".
+std::string TransportLabel(v1::Transport transport) {
+  switch (transport) {
+    case v1::TRANSPORT_UNSPECIFIED:
+    case v1::TRANSPORT_INLINE:
+      return "inline";
+    case v1::TRANSPORT_CUDA_IPC:
+      return "cuda_ipc";
+    case v1::TRANSPORT_NCCL:
+      return "nccl";
+    default:
+      return "unknown";
+  }
+}
+
+// Failures of a header (or of a first message that is none).
+ErrorReason HeaderErrorReason(const v1::CompressRequest& request, const absl::Status& status) {
+  if (!request.has_header()) return ErrorReason::kMalformedStream;
+  switch (status.code()) {
+    case absl::StatusCode::kResourceExhausted:
+      return ErrorReason::kRequestLimit;
+    case absl::StatusCode::kUnimplemented:
+      return ErrorReason::kUnimplemented;
+    default:
+      return ErrorReason::kInvalidHeader;
+  }
+}
+
 uint64_t LayerBytes(const LayerInput& input) {
   return input.keys.size() + input.values.size() + input.queries.size() +
          input.scores.size() * sizeof(float);
@@ -30,7 +58,12 @@ CompressReactor::CompressReactor(grpc::CallbackServerContext* context,
   if (environment_.metrics != nullptr) environment_.metrics->requests_in_flight.Add({}, 1);
   absl::MutexLock lock(&mu_);
   header_time_ = receive_end_ = opened_;
-  if (!admission.ok()) Fail(std::move(admission));
+  if (!admission.ok()) {
+    const ErrorReason reason = admission.code() == absl::StatusCode::kUnavailable
+                                   ? ErrorReason::kShuttingDown
+                                   : ErrorReason::kStreamLimit;
+    Fail(std::move(admission), reason);
+  }
   Continue();
 }
 
@@ -41,12 +74,13 @@ void CompressReactor::OnReadDone(bool ok) {
     read_in_flight_ = false;
     if (!terminal_) {
       if (context_->IsCancelled()) {
-        Fail(absl::CancelledError("the client cancelled the stream"));
+        Fail(absl::CancelledError("the client cancelled the stream"), ErrorReason::kCancelled);
       } else if (header_ == nullptr) {
         Fail(absl::InvalidArgumentError(
-            "stream ended before the header; a Compress stream starts with a header"));
+                 "stream ended before the header; a Compress stream starts with a header"),
+             ErrorReason::kMalformedStream);
       } else if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) {
-        Fail(std::move(complete));
+        Fail(std::move(complete), ErrorReason::kMalformedStream);
       } else {
         reads_done_ = true;
         receive_end_ = Clock::now();
@@ -72,6 +106,8 @@ void CompressReactor::OnReadDone(bool ok) {
   std::optional<AssembledLayer> completed;
   uint64_t chunk_bytes = 0;
   std::string method_label;
+  ErrorReason reason = ErrorReason::kInternal;
+  std::string transport_label;
   if (assembler_ == nullptr) {
     // Label metrics by scorer even when the rest of the header is rejected.
     if (request_.has_header()) {
@@ -86,11 +122,13 @@ void CompressReactor::OnReadDone(bool ok) {
                                                      environment_.memory);
     } else {
       status = validated.status();
+      transport_label = TransportLabel(request_.header().transport());
     }
   } else {
     if (request_.has_chunk()) chunk_bytes = request_.chunk().data().size();
     absl::StatusOr<std::optional<AssembledLayer>> added = assembler_->AddRequest(request_);
     if (added.ok()) {
+      reason = HeaderErrorReason(request_, status);
       completed = std::move(added).value();
     } else {
       status = added.status();
@@ -99,6 +137,9 @@ void CompressReactor::OnReadDone(bool ok) {
   }
   request_.Clear();
 
+      reason = status.code() == absl::StatusCode::kResourceExhausted
+                   ? ErrorReason::kMemoryBudget
+                   : ErrorReason::kMalformedStream;
   absl::MutexLock lock(&mu_);
   read_in_flight_ = false;
   if (!method_label.empty()) method_label_ = std::move(method_label);
@@ -107,7 +148,7 @@ void CompressReactor::OnReadDone(bool ok) {
     return;  // `completed` releases its buffers on the way out
   }
   if (!status.ok()) {
-    Fail(std::move(status));
+    Fail(std::move(status), reason);
     Continue();
     return;
   }
@@ -117,8 +158,10 @@ void CompressReactor::OnReadDone(bool ok) {
   }
   if (chunk_bytes > 0) {
     bytes_in_ += chunk_bytes;
+    transport_label_ = std::move(transport_label);
     if (environment_.metrics != nullptr) {
-      environment_.metrics->bytes_received.Add({}, static_cast<double>(chunk_bytes));
+      environment_.metrics->bytes_received.Add({transport_label_},
+                                               static_cast<double>(chunk_bytes));
     }
   }
   partial_bytes_ = assembler_->bytes_buffered();
@@ -137,7 +180,7 @@ void CompressReactor::Enqueue(AssembledLayer layer) {
   if (!status.ok()) {
     --jobs_in_flight_;
     job_bytes_ -= bytes;
-    Fail(std::move(status));
+    Fail(std::move(status), ErrorReason::kShuttingDown);
   }
 }
 
@@ -204,7 +247,10 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
         status = absl::InternalError(
             absl::StrCat("request ", header_->request_id, ": ", status.message()));
       }
-      Fail(std::move(status));
+      const ErrorReason reason = status.code() == absl::StatusCode::kResourceExhausted
+                                     ? ErrorReason::kDeviceMemoryBudget
+                                     : ErrorReason::kBackend;
+      Fail(std::move(status), reason);
     } else {
       tokens_in_ += tokens_in;
       tokens_kept_ += tokens_kept;
@@ -226,16 +272,19 @@ void CompressReactor::OnWriteDone(bool ok) {
   absl::MutexLock lock(&mu_);
   write_in_flight_ = false;
   send_seconds_ += Seconds(Clock::now() - write_started_);
-  if (!ok) Fail(absl::CancelledError("the client stopped receiving results"));
+  if (!ok) {
+    Fail(absl::CancelledError("the client stopped receiving results"), ErrorReason::kClientGone);
+  }
   Continue();
 }
 
 void CompressReactor::OnCancel() {
   absl::MutexLock lock(&mu_);
   if (context_->deadline() <= std::chrono::system_clock::now()) {
-    Fail(absl::DeadlineExceededError("the stream's deadline passed"));
+    Fail(absl::DeadlineExceededError("the stream's deadline passed"),
+         ErrorReason::kDeadlineExceeded);
   } else {
-    Fail(absl::CancelledError("the client cancelled the stream"));
+    Fail(absl::CancelledError("the client cancelled the stream"), ErrorReason::kCancelled);
   }
   Continue();
 }
@@ -248,7 +297,7 @@ void CompressReactor::OnDone() {
   delete this;
 }
 
-void CompressReactor::Fail(absl::Status status) {
+void CompressReactor::Fail(absl::Status status, ErrorReason reason) {
   if (terminal_ || finish_called_) return;
   terminal_ = true;
   status_ = std::move(status);
@@ -264,6 +313,7 @@ bool CompressReactor::ReadsPaused() const {
 
 void CompressReactor::Continue() {
   if (finish_called_) return;
+  error_reason_ = reason;
   if (terminal_) {
     if (jobs_in_flight_ == 0 && !write_in_flight_) {
       finish_called_ = true;
@@ -285,7 +335,7 @@ void CompressReactor::Continue() {
       const uint64_t sent = pending_before - front.pending_bytes();
       bytes_out_ += sent;
       if (sent > 0 && environment_.metrics != nullptr) {
-        environment_.metrics->bytes_sent.Add({}, static_cast<double>(sent));
+        environment_.metrics->bytes_sent.Add({transport_label_}, static_cast<double>(sent));
       }
       write_in_flight_ = true;
       write_started_ = Clock::now();
@@ -300,7 +350,8 @@ void CompressReactor::Continue() {
     if (layers_final_ != expected_layers) {
       Fail(absl::InternalError(absl::StrCat("request ", header_->request_id, ": the pipeline ",
                                             "produced ", layers_final_, " of ", expected_layers,
-                                            " layer results")));
+                                            " layer results")),
+           ErrorReason::kInternal);
       Continue();
       return;
     }
@@ -335,10 +386,21 @@ void CompressReactor::RecordOutcome(const absl::Status& status) {
   ServiceMetrics& metrics = *environment_.metrics;
   metrics.requests.Increment({method_label_, absl::StatusCodeToString(status.code())});
   metrics.request_duration.Observe({method_label_}, Seconds(Clock::now() - opened_));
-  if (status.ok() && tokens_in_ > 0) {
+  if (!status.ok()) {
+    metrics.errors.Increment({std::string(ErrorReasonName(error_reason_))});
+    return;
+  }
+  if (tokens_in_ > 0) {
     metrics.compression_ratio.Observe(
         {}, static_cast<double>(tokens_kept_) / static_cast<double>(tokens_in_));
   }
 }
 
 }  // namespace kvcompress
+  // The same figures as the summary's StageTimings.
+  metrics.request_stage_duration.Observe({"receive"}, Seconds(receive_end_ - header_time_));
+  metrics.request_stage_duration.Observe({"queue"}, queue_seconds_);
+  metrics.request_stage_duration.Observe({"score"}, score_seconds_);
+  metrics.request_stage_duration.Observe({"select"}, select_seconds_);
+  metrics.request_stage_duration.Observe({"gather"}, gather_seconds_);
+  metrics.request_stage_duration.Observe({"send"}, send_seconds_);

@@ -82,8 +82,9 @@ class CompressReactor final
   void RunLayerJob(AssembledLayer layer, Clock::time_point enqueued);
 
   void Enqueue(AssembledLayer layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Ends the stream with `status` (first error wins); Continue finishes once it is safe.
-  void Fail(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends the stream with `status` (first error wins; `reason` labels kvcompress_errors_total);
+  // Continue finishes once it is safe.
+  void Fail(absl::Status status, ErrorReason reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The one place that starts reads, writes and Finish, according to the state.
   void Continue() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ReadsPaused() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -132,6 +133,7 @@ class CompressReactor final
   int64_t layers_final_ ABSL_GUARDED_BY(mu_) = 0;
   uint32_t deferred_layers_ ABSL_GUARDED_BY(mu_) = 0;
   double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
+  ErrorReason error_reason_ ABSL_GUARDED_BY(mu_) = ErrorReason::kInternal;
   double score_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double select_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double gather_seconds_ ABSL_GUARDED_BY(mu_) = 0;
@@ -141,3 +143,4 @@ class CompressReactor final
 }  // namespace kvcompress
 
 #endif  // KVCOMPRESS_SERVICE_COMPRESS_REACTOR_H_
+  std::string transport_label_ ABSL_GUARDED_BY(mu_) = "inline";  // from the header

@@ -77,7 +77,7 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
       "kvcompress_buffered_bytes", "Host bytes held by request tensor buffers.",
       [memory] { return static_cast<double>(memory->in_use_bytes()); });
   server->registry_.AddGaugeCallback(
-      "kvcompress_buffered_bytes_limit",
+      "kvcompress_buffered_limit_bytes",
       "Budget for request tensor buffers (--max_buffered_bytes).",
       [memory] { return static_cast<double>(memory->limit_bytes()); });
 

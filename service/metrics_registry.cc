@@ -121,7 +121,8 @@ HistogramFamily::HistogramFamily(std::string name, std::string help,
       upper_bounds_(std::move(upper_bounds)) {}
 
 std::vector<double> HistogramFamily::LatencyBuckets() {
-  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 300};
+  return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+          0.25,   0.5,     1,      2.5,   5,      10,    25,   50,    100,  300};
 }
 
 std::vector<double> HistogramFamily::FractionBuckets() {

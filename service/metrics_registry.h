@@ -101,7 +101,8 @@ class HistogramFamily final : public MetricFamily {
   void Observe(const LabelValues& labels, double value);
   void AppendExposition(std::string& out) const override;
 
-  // Buckets 0.001 s … 300 s, roughly ×2.5 apart: request and stage latencies.
+  // Buckets 100 µs … 300 s, roughly ×2.5 apart: request latencies and per-layer stage times
+  // (a layer on a GPU takes well under a millisecond).
   static std::vector<double> LatencyBuckets();
   // 0.05 … 1: fractions such as compression ratios and attention mass.
   static std::vector<double> FractionBuckets();

@@ -1,7 +1,7 @@
 // How close is the CUDA backend to the memory floor? One command:
 //
 //   gpu_bench [--tokens=4096,16384,32768,65536,131072] [--layers=32] [--repeats=7]
-//             [--methods=snapkv,knorm,streaming]
+//             [--methods=snapkv,knorm,streaming,pyramidkv,adakv]
 //
 // Llama-3.1-8B shapes (32 query / 8 KV heads, D = 128, bf16, HND, 64 window queries, keep
 // 0.1) on device-resident caches (CudaCompressor, as a CUDA IPC or NCCL transport hands them
@@ -20,24 +20,26 @@
 #include <vector>
 
 #include "bench/gpu/random_fill.h"
+#include "kernels/budget_math.h"
 #include "kernels/cuda/cuda_compressor.h"
 #include "kernels/method_spec.h"
+#include "kernels/snapkv_window.h"
 
 namespace kvcompress::bench {
 namespace {
 
-#define BENCH_CHECK(expr)                                                                  \
-  do {                                                                                     \
-    const cudaError_t bench_error = (expr);                                                \
-    if (bench_error != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(bench_error));     \
-      std::exit(1);                                                                        \
-    }                                                                                      \
+#define BENCH_CHECK(expr)                                                              \
+  do {                                                                                 \
+    const cudaError_t bench_error = (expr);                                            \
+    if (bench_error != cudaSuccess) {                                                  \
+      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(bench_error)); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
   } while (false)
 
 struct Options {
   std::vector<int64_t> tokens = {4096, 16384, 32768, 65536, 131072};
-  std::vector<std::string> methods = {"snapkv", "knorm", "streaming"};
+  std::vector<std::string> methods = {"snapkv", "pyramidkv", "adakv", "knorm", "streaming"};
   int layers = 32;
   int repeats = 7;
   int kv_heads = 8;
@@ -52,7 +54,8 @@ std::vector<std::string> Split(const std::string& text) {
   size_t start = 0;
   while (start <= text.size()) {
     const size_t comma = text.find(',', start);
-    parts.push_back(text.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    parts.push_back(
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
@@ -90,7 +93,20 @@ MethodSpec SpecFor(const std::string& method, double keep) {
   spec.budget.keep_ratio = keep;
   if (method == "knorm") spec.scorer = ScorerKind::kKnorm;
   if (method == "streaming") spec.scorer = ScorerKind::kStreaming;
+  if (method == "pyramidkv") spec.layer_budget = LayerBudgetKind::kPyramid;
+  if (method == "adakv") spec.head_budget = HeadBudgetKind::kAdaptive;
   return spec;
+}
+
+// Tokens per head layer `layer` keeps: the uniform n, or PyramidKV's layer budget (as
+// CompressionPipeline::LayerTokenBudget computes it for snapkv with `window` queries).
+int64_t LayerTokens(const MethodSpec& spec, int64_t tokens, int window, int layer, int layers) {
+  const int64_t uniform = TokensToKeep(spec.budget, tokens);
+  if (spec.layer_budget != LayerBudgetKind::kPyramid || uniform >= tokens) return uniform;
+  const int64_t budget = PyramidTokenBudget(
+      static_cast<double>(tokens) * spec.budget.keep_ratio, tokens,
+      EffectiveWindowSize(spec.snapkv.window_size, window), layer, layers, spec.pyramid.beta);
+  return std::clamp<int64_t>(budget, 1, tokens);
 }
 
 // Device-to-device copy bandwidth, bytes read plus written per second.
@@ -134,8 +150,9 @@ struct Timing {
 // Median over `repeats` calls (after two warm-ups); call i runs job set i mod |job_sets|, so
 // that single layers rotate through different data instead of timing the L2.
 Timing TimeCompress(CudaCompressor& compressor, const CacheGeometry& geometry,
-                    const MethodSpec& spec, const std::vector<std::vector<DeviceLayerJob>>& job_sets,
-                    cudaStream_t stream, int repeats) {
+                    const MethodSpec& spec,
+                    const std::vector<std::vector<DeviceLayerJob>>& job_sets, cudaStream_t stream,
+                    int repeats) {
   cudaEvent_t start, stop;
   StageEvents stages;
   BENCH_CHECK(cudaEventCreate(&start));
@@ -237,7 +254,7 @@ int Main(int argc, char** argv) {
         job.input.queries = attention ? queries[l] : nullptr;
         job.input.shape.num_tokens = tokens;
         job.input.shape.num_window_queries = attention ? options.window : 0;
-        job.tokens_per_head = TokensToKeep(spec.budget, tokens);
+        job.tokens_per_head = LayerTokens(spec, tokens, options.window, l, options.layers);
       }
       std::vector<std::vector<DeviceLayerJob>> single_layers;
       for (const DeviceLayerJob& job : jobs) single_layers.push_back({job});
@@ -247,12 +264,16 @@ int Main(int argc, char** argv) {
       row.layer =
           TimeCompress(**compressor, geometry, spec, single_layers, stream, options.repeats * 3);
       row.model = TimeCompress(**compressor, geometry, spec, {jobs}, stream, options.repeats);
-      const double kept_rows =
-          static_cast<double>(geometry.num_kv_heads) * TokensToKeep(spec.budget, tokens);
-      double bytes = 4.0 * kept_rows * row_bytes;  // kept K and V rows, read and written
-      if (spec.scorer != ScorerKind::kStreaming) bytes += geometry.KeyValueBytes(tokens);
-      if (attention) bytes += query_bytes;
-      row.floor_bytes_model = bytes * options.layers;
+      // Per layer: kept K and V rows read and written, K read once (not by streaming), the
+      // window queries.
+      row.floor_bytes_model = 0;
+      for (const DeviceLayerJob& job : jobs) {
+        const double kept_rows = static_cast<double>(geometry.num_kv_heads) * job.tokens_per_head;
+        double bytes = 4.0 * kept_rows * row_bytes;
+        if (spec.scorer != ScorerKind::kStreaming) bytes += geometry.KeyValueBytes(tokens);
+        if (attention) bytes += query_bytes;
+        row.floor_bytes_model += bytes;
+      }
       row.floor_ms_model = row.floor_bytes_model / bandwidth * 1e3;
       rows.push_back(row);
       std::fprintf(stderr, "T=%lld %s: layer %.4f ms, model %.3f ms (floor %.3f ms)\n",
@@ -261,8 +282,9 @@ int Main(int argc, char** argv) {
     }
   }
 
-  std::printf("\n| T | method | per layer (ms) | whole model (ms) | floor, model (ms) | ratio to floor "
-              "| floor bytes / time (GB/s) | attention+scores / select / gather (ms, model) |\n");
+  std::printf(
+      "\n| T | method | per layer (ms) | whole model (ms) | floor, model (ms) | ratio to floor "
+      "| floor bytes / time (GB/s) | attention+scores / select / gather (ms, model) |\n");
   std::printf("|---:|---|---:|---:|---:|---:|---:|---|\n");
   for (const Row& row : rows) {
     std::printf("| %lldK | %s | %.4f | %.3f | %.3f | %.2f× | %.0f | %.3f / %.3f / %.3f |\n",
@@ -274,9 +296,10 @@ int Main(int argc, char** argv) {
   for (const Row& row : rows) {
     if (row.method == "snapkv" && row.tokens == 32768) {
       const double per_layer = row.model.total_ms / options.layers;
-      std::printf("\nSnapKV at 32K: %.4f ms per layer in a whole-model call (%.4f ms for one layer "
-                  "alone); kvpress 2.29 ms per layer on an H100 → %.0f× (%.0f× one layer alone)\n",
-                  per_layer, row.layer.total_ms, 2.29 / per_layer, 2.29 / row.layer.total_ms);
+      std::printf(
+          "\nSnapKV at 32K: %.4f ms per layer in a whole-model call (%.4f ms for one layer "
+          "alone); kvpress 2.29 ms per layer on an H100 → %.0f× (%.0f× one layer alone)\n",
+          per_layer, row.layer.total_ms, 2.29 / per_layer, 2.29 / row.layer.total_ms);
     }
   }
   for (int l = 0; l < options.layers; ++l) {

@@ -7,6 +7,8 @@
 // double-buffered: the host copies into one buffer while the DMA engine drains the other.
 // LayerResult::seconds holds the batch's device time per stage (CUDA events) divided evenly
 // among its layers.
+#include "kernels/cuda_backend.h"
+
 #include <algorithm>
 #include <cstring>
 #include <functional>
@@ -19,7 +21,6 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/cuda/cuda_compressor.h"
 #include "kernels/cuda/cuda_status.h"
-#include "kernels/cuda_backend.h"
 #include "kernels/status_macros.h"
 
 namespace kvcompress {
@@ -41,6 +42,13 @@ bool HasPrecomputedScores(const Job& job) {
   }
 }
 
+// Bytes of a job's client scores ([num_score_heads, T] fp32), 0 when it has none.
+size_t ClientScoreBytes(const LayerJob& job) {
+  if (job.input.scores == nullptr || job.input.shape.num_score_heads <= 0) return 0;
+  return static_cast<size_t>(job.input.shape.num_score_heads) * job.input.shape.num_tokens *
+         sizeof(float);
+}
+
 // What one call holds while it runs.
 struct Lease {
   cudaStream_t stream = nullptr;
@@ -57,6 +65,12 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override;
 
   std::string_view name() const override { return "cuda"; }
+
+  absl::Status Supports(const MethodSpec& spec, int head_dim) const override {
+    return CheckCudaMethodSupported(spec, head_dim);
+  }
+
+  std::vector<BackendDevice> Devices() const override;
 
   absl::Status CompressLayers(const CacheGeometry& geometry, const MethodSpec& spec,
                               std::span<const LayerJob> jobs,
@@ -110,8 +124,8 @@ CudaBackend::~CudaBackend() {
       if (lease->staging[slot] != nullptr) cudaFreeHost(lease->staging[slot]);
       if (lease->staged[slot] != nullptr) cudaEventDestroy(lease->staged[slot]);
     }
-    for (cudaEvent_t event : {lease->start, lease->stages.scored, lease->stages.selected,
-                              lease->stages.gathered}) {
+    for (cudaEvent_t event :
+         {lease->start, lease->stages.scored, lease->stages.selected, lease->stages.gathered}) {
       if (event != nullptr) cudaEventDestroy(event);
     }
     if (lease->stream != nullptr) cudaStreamDestroy(lease->stream);
@@ -144,6 +158,22 @@ absl::StatusOr<Lease*> CudaBackend::Acquire() {
   KVC_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw->stages.selected));
   KVC_CUDA_RETURN_IF_ERROR(cudaEventCreate(&raw->stages.gathered));
   return raw;
+}
+
+std::vector<BackendDevice> CudaBackend::Devices() const {
+  BackendDevice device;
+  device.ordinal = compressor_->device();
+  cudaDeviceProp properties{};
+  if (cudaGetDeviceProperties(&properties, device.ordinal) == cudaSuccess) {
+    device.name = properties.name;
+    device.compute_capability = absl::StrCat(properties.major, ".", properties.minor);
+    device.total_memory_bytes = properties.totalGlobalMem;
+  } else {
+    (void)cudaGetLastError();
+  }
+  device.budget_bytes = compressor_->memory_pool().budget_bytes();
+  device.in_use_bytes = compressor_->memory_pool().bytes_in_use();
+  return {device};
 }
 
 void CudaBackend::Release(Lease* lease) {
@@ -229,7 +259,7 @@ absl::Status CudaBackend::Upload(Lease& lease, const CacheGeometry& geometry,
     }
     KVC_RETURN_IF_ERROR(ValidateLayerJobInput(job, i));
     total += 2 * align(geometry.KeyValueBytes(shape.num_tokens)) +
-             align(geometry.QueryBytes(shape.num_window_queries));
+             align(geometry.QueryBytes(shape.num_window_queries)) + align(ClientScoreBytes(job));
   }
   KVC_ASSIGN_OR_RETURN(inputs, compressor_->memory_pool().Allocate(total, lease.stream));
   std::vector<CopyPiece> pieces;
@@ -252,6 +282,14 @@ absl::Status CudaBackend::Upload(Lease& lease, const CacheGeometry& geometry,
     offset += align(kv_bytes);
     std::byte* queries = inputs.data() + offset;
     offset += align(query_bytes);
+    const size_t score_bytes = ClientScoreBytes(job);
+    std::byte* client_scores = inputs.data() + offset;
+    offset += align(score_bytes);
+    if (score_bytes > 0) {
+      device_job.input.scores = reinterpret_cast<const float*>(client_scores);
+      pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(const_cast<float*>(job.input.scores)),
+                                 client_scores, score_bytes});
+    }
     device_job.input.keys = keys;
     device_job.input.values = values;
     device_job.input.queries = query_bytes > 0 ? queries : nullptr;
@@ -286,6 +324,8 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
 
   const int num_heads = geometry.num_kv_heads;
   std::vector<double> mass_sums(jobs.size(), 0.0);
+  std::vector<int32_t> head_counts(jobs.size() * num_heads, 0);
+  bool any_ragged = false;
   std::vector<CopyPiece> pieces;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const DeviceLayerResult& layer = out.layers[i];
@@ -293,20 +333,22 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
     result = LayerResult{};
     result.sequence = layer.sequence;
     result.layer = layer.layer;
+    // Ragged layers get their counts and offsets once head_counts has arrived.
     result.kept.assign(num_heads, layer.kept_per_head);
     result.offsets.resize(num_heads + 1);
     for (int h = 0; h <= num_heads; ++h) {
       result.offsets[h] = static_cast<int32_t>(static_cast<int64_t>(h) * layer.kept_per_head);
     }
+    any_ragged = any_ragged || layer.ragged_heads;
     const size_t rows = static_cast<size_t>(layer.num_rows);
     result.keys.resize(rows * out.row_bytes);
     result.values.resize(rows * out.row_bytes);
     result.positions.resize(rows);
     const size_t first = static_cast<size_t>(layer.first_row);
-    pieces.push_back(CopyPiece{result.keys.data(), out.keys + first * out.row_bytes,
-                               rows * out.row_bytes});
-    pieces.push_back(CopyPiece{result.values.data(), out.values + first * out.row_bytes,
-                               rows * out.row_bytes});
+    pieces.push_back(
+        CopyPiece{result.keys.data(), out.keys + first * out.row_bytes, rows * out.row_bytes});
+    pieces.push_back(
+        CopyPiece{result.values.data(), out.values + first * out.row_bytes, rows * out.row_bytes});
     pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(result.positions.data()),
                                reinterpret_cast<std::byte*>(out.positions + first),
                                rows * sizeof(int32_t)});
@@ -314,8 +356,29 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
   pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(mass_sums.data()),
                              reinterpret_cast<std::byte*>(out.mass_sums),
                              mass_sums.size() * sizeof(double)});
+  if (any_ragged) {
+    pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(head_counts.data()),
+                               reinterpret_cast<std::byte*>(out.head_counts),
+                               head_counts.size() * sizeof(int32_t)});
+  }
   KVC_RETURN_IF_ERROR(StagedDownload(*lease, pieces));
   KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(lease->stream));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!out.layers[i].ragged_heads) continue;
+    LayerResult& result = results[i];
+    int64_t offset = 0;
+    for (int h = 0; h < num_heads; ++h) {
+      result.kept[h] = head_counts[i * num_heads + h];
+      result.offsets[h] = static_cast<int32_t>(offset);
+      offset += result.kept[h];
+    }
+    result.offsets[num_heads] = static_cast<int32_t>(offset);
+    if (offset != out.layers[i].num_rows) {
+      return absl::InternalError(absl::StrCat("cuda backend: sequence ", result.sequence, " layer ",
+                                              result.layer, ": heads kept ", offset,
+                                              " rows in all, expected ", out.layers[i].num_rows));
+    }
+  }
 
   float score_ms = 0;
   float select_ms = 0;
@@ -361,10 +424,10 @@ absl::Status CudaBackend::ScoreLayers(const CacheGeometry& geometry, const Metho
     scores[i].layer = jobs[i].layer;
     scores[i].scores.assign(
         static_cast<size_t>(geometry.num_kv_heads) * jobs[i].input.shape.num_tokens, 0.f);
-    pieces.push_back(CopyPiece{
-        reinterpret_cast<std::byte*>(scores[i].scores.data()),
-        reinterpret_cast<std::byte*>(const_cast<float*>(out.scores + out.offsets[i])),
-        scores[i].scores.size() * sizeof(float)});
+    pieces.push_back(
+        CopyPiece{reinterpret_cast<std::byte*>(scores[i].scores.data()),
+                  reinterpret_cast<std::byte*>(const_cast<float*>(out.scores + out.offsets[i])),
+                  scores[i].scores.size() * sizeof(float)});
   }
   KVC_RETURN_IF_ERROR(StagedDownload(*lease, pieces));
   KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(lease->stream));

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/budget_math.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/internal/dispatch.h"
 #include "kernels/cuda/internal/kernel_params.h"
@@ -48,12 +49,10 @@ struct ArenaLayout {
   }
 };
 
-bool Aligned16(const void* pointer) {
-  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
-}
+bool Aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
-absl::Status ValidateJob(const MethodSpec& spec, const DeviceLayerJob& job, size_t index,
-                         bool keep_all) {
+absl::Status ValidateJob(const CacheGeometry& geometry, const MethodSpec& spec,
+                         const DeviceLayerJob& job, size_t index, bool keep_all) {
   const auto error = [&](auto&&... parts) {
     return absl::InvalidArgumentError(absl::StrCat("jobs[", index, "] (sequence ", job.sequence,
                                                    " layer ", job.layer, "): ", parts...));
@@ -65,8 +64,7 @@ absl::Status ValidateJob(const MethodSpec& spec, const DeviceLayerJob& job, size
   if (job.input.keys == nullptr || job.input.values == nullptr) {
     return error("keys and values are required");
   }
-  if (!Aligned16(job.input.keys) || !Aligned16(job.input.values) ||
-      !Aligned16(job.input.queries)) {
+  if (!Aligned16(job.input.keys) || !Aligned16(job.input.values) || !Aligned16(job.input.queries)) {
     return error("device keys, values and queries must be 16-byte aligned");
   }
   if (shape.num_window_queries < 0 || shape.num_window_queries > shape.num_tokens) {
@@ -78,6 +76,15 @@ absl::Status ValidateJob(const MethodSpec& spec, const DeviceLayerJob& job, size
   }
   if (spec.scorer == ScorerKind::kSnapKv && shape.num_window_queries < 1 && !keep_all) {
     return error("the snapkv scorer needs window queries; got none");
+  }
+  if (spec.scorer == ScorerKind::kObserved && !keep_all) {
+    if (job.input.scores == nullptr)
+      return error("the observed scorer needs client scores; got none");
+    if (shape.num_score_heads != geometry.num_kv_heads &&
+        shape.num_score_heads != geometry.num_query_heads) {
+      return error("num_score_heads ", shape.num_score_heads, " is invalid; expected num_kv_heads ",
+                   geometry.num_kv_heads, " or num_query_heads ", geometry.num_query_heads);
+    }
   }
   return absl::OkStatus();
 }
@@ -92,6 +99,10 @@ struct JobPlan {
   bool attention = false;  // runs the two attention passes
   bool needs_scores = false;
   SegmentKind kind = SegmentKind::kSelect;
+  // Adaptive head budgets: one layer-wide selection of H_kv·need tokens after each head's own
+  // top `safeguard`.
+  bool adaptive = false;
+  int64_t safeguard = 0;
   int64_t range_first_end = 0;
   int64_t range_second_begin = 0;
   int num_rows = 0;  // G · window
@@ -115,9 +126,8 @@ void PlanStreamingRanges(const MethodSpec& spec, JobPlan& plan) {
     return;
   }
   plan.range_first_end = sinks;
-  plan.range_second_begin = need <= sinks + recent
-                                ? num_tokens - recent
-                                : num_tokens - recent - (need - sinks - recent);
+  plan.range_second_begin =
+      need <= sinks + recent ? num_tokens - recent : num_tokens - recent - (need - sinks - recent);
 }
 
 template <typename T>
@@ -132,19 +142,19 @@ absl::StatusOr<std::unique_ptr<CudaCompressor>> CudaCompressor::Create(
   int count = 0;
   if (const cudaError_t error = cudaGetDeviceCount(&count); error != cudaSuccess || count == 0) {
     (void)cudaGetLastError();
-    return absl::FailedPreconditionError(
-        absl::StrCat("no CUDA device: cudaGetDeviceCount reports ", count, " devices (",
-                     cudaGetErrorString(error), ")"));
+    return absl::FailedPreconditionError(absl::StrCat("no CUDA device: cudaGetDeviceCount reports ",
+                                                      count, " devices (",
+                                                      cudaGetErrorString(error), ")"));
   }
   if (options.device < 0 || options.device >= count) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "no CUDA device ", options.device, ": expected 0 <= device < ", count));
+    return absl::FailedPreconditionError(
+        absl::StrCat("no CUDA device ", options.device, ": expected 0 <= device < ", count));
   }
   KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   int num_multiprocessors = 0;
   int max_shared_bytes = 0;
-  KVC_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
-      &num_multiprocessors, cudaDevAttrMultiProcessorCount, options.device));
+  KVC_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&num_multiprocessors, cudaDevAttrMultiProcessorCount, options.device));
   KVC_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(
       &max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, options.device));
   size_t budget = options.memory_budget_bytes;
@@ -166,8 +176,8 @@ absl::StatusOr<DeviceBatchResult> CudaCompressor::Compress(const CacheGeometry& 
                                                            cudaStream_t stream,
                                                            const StageEvents* events) {
   DeviceBatchResult result;
-  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/false, events, &result,
-                          nullptr));
+  KVC_RETURN_IF_ERROR(
+      Run(geometry, spec, jobs, stream, /*scores_only=*/false, events, &result, nullptr));
   return result;
 }
 
@@ -176,8 +186,8 @@ absl::StatusOr<DeviceBatchScores> CudaCompressor::Score(const CacheGeometry& geo
                                                         std::span<const DeviceLayerJob> jobs,
                                                         cudaStream_t stream) {
   DeviceBatchScores scores;
-  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/true, nullptr, nullptr,
-                          &scores));
+  KVC_RETURN_IF_ERROR(
+      Run(geometry, spec, jobs, stream, /*scores_only=*/true, nullptr, nullptr, &scores));
   return scores;
 }
 
@@ -189,13 +199,13 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   KVC_RETURN_IF_ERROR(CheckCudaMethodSupported(spec, geometry.head_dim));
   if (jobs.empty()) return absl::OkStatus();
   for (size_t i = 0; i < jobs.size(); ++i) {
-    KVC_RETURN_IF_ERROR(ValidateJob(spec, jobs[i], i, !scores_only && jobs[i].keep_all));
+    KVC_RETURN_IF_ERROR(ValidateJob(geometry, spec, jobs[i], i, !scores_only && jobs[i].keep_all));
   }
   const int num_heads = geometry.num_kv_heads;
   if (static_cast<int64_t>(jobs.size()) * num_heads > kMaxGridY) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "jobs: ", jobs.size(), " layers of ", num_heads, " KV heads exceed ", kMaxGridY,
-        " (layer, head) pairs per call; split the batch"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("jobs: ", jobs.size(), " layers of ", num_heads, " KV heads exceed ",
+                     kMaxGridY, " (layer, head) pairs per call; split the batch"));
   }
   KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
 
@@ -206,6 +216,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const AttentionTiling tiling = cuda::AttentionTilingFor(geometry.dtype, head_dim);
   const bool is_snapkv = spec.scorer == ScorerKind::kSnapKv;
   const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
+  const bool is_adaptive = spec.head_budget == HeadBudgetKind::kAdaptive;
   // First-pass tiling: KVC_CUDA_STATS_ROW_TILES=1 selects one row tile per warp (16-bit
   // inputs whose default holds more), a benchmarking switch.
   static const int stats_row_tiles = [] {
@@ -250,11 +261,16 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     plan.attention = !plan.keep_all && plan.window > 0 && (!scores_only || is_snapkv);
     if (plan.keep_all || plan.need >= plan.num_tokens) {
       plan.kind = SegmentKind::kKeepAll;
-    } else if (is_streaming && plan.num_tokens <= kMaxRangesTokens) {
+    } else if (is_streaming && !is_adaptive && plan.num_tokens <= kMaxRangesTokens) {
       plan.kind = SegmentKind::kRanges;
       PlanStreamingRanges(spec, plan);
     } else {
       plan.kind = SegmentKind::kSelect;
+      plan.adaptive = is_adaptive;
+      if (plan.adaptive) {
+        plan.safeguard =
+            std::min(AdaptiveSafeguardTokens(plan.need, spec.adaptive.alpha), plan.need);
+      }
     }
     plan.needs_scores = scores_only || plan.kind == SegmentKind::kSelect;
     if (plan.attention) {
@@ -291,7 +307,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   if (!scores_only) {
     for (int64_t slice = 8192; slice > 1024; slice /= 2) {
       int64_t count = 0;
-      for (const JobPlan& plan : plans) count += num_heads * ((plan.num_tokens + slice - 1) / slice);
+      for (const JobPlan& plan : plans)
+        count += num_heads * ((plan.num_tokens + slice - 1) / slice);
       if (count >= 2 * num_multiprocessors_) {
         slice_tokens = slice;
         break;
@@ -307,6 +324,13 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   std::vector<JobHead> score_heads;
   std::vector<Segment> segments;
   std::vector<SliceItem> slices;
+  // Adaptive head budgets: each head's safeguard selection runs first, on tables of its own.
+  std::vector<Segment> safeguard_segments;
+  std::vector<SliceItem> safeguard_slices;
+  int64_t safeguard_rows = 0;
+  int64_t max_safeguard = 0;
+  int64_t tiers_size = 0;
+  bool any_adaptive = false;
   int64_t scores_size = 0;
   int64_t partial_size = 0;
   int64_t stats_size = 0;
@@ -326,6 +350,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     device_job.keys = job.input.keys;
     device_job.values = job.input.values;
     device_job.queries = job.input.queries;
+    device_job.client_scores = job.input.scores;
+    device_job.num_score_heads = job.input.shape.num_score_heads;
     device_job.num_tokens = plan.num_tokens;
     device_job.num_sent = plan.num_sent;
     device_job.window = plan.attention ? plan.window : 0;
@@ -376,14 +402,65 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
         }
       }
     }
-    if (!scores_only) {
+    if (!scores_only && plan.adaptive) {
+      const int64_t tier_offset = tiers_size;
+      tiers_size += num_heads * plan.num_tokens;
+      const auto add_slices = [&](std::vector<SliceItem>& table, int32_t segment_index,
+                                  int64_t num_tokens) {
+        const int32_t count = static_cast<int32_t>((num_tokens + slice_tokens - 1) / slice_tokens);
+        for (int32_t k = 0; k < count; ++k) {
+          table.push_back(SliceItem{segment_index, 0, k * slice_tokens,
+                                    std::min(num_tokens, (k + 1) * slice_tokens)});
+        }
+        return count;
+      };
+      if (plan.safeguard > 0) {
+        for (int h = 0; h < num_heads; ++h) {
+          Segment guard;
+          guard.job = job_index;
+          guard.head = h;
+          guard.kind = SegmentKind::kSelect;
+          guard.first_slice = static_cast<int32_t>(safeguard_slices.size());
+          guard.num_tokens = plan.num_tokens;
+          guard.need = plan.safeguard;
+          guard.score_offset = device_job.score_offset;
+          guard.out_row = safeguard_rows + h * plan.safeguard;
+          guard.tier_offset = tier_offset;
+          guard.num_slices = add_slices(
+              safeguard_slices, static_cast<int32_t>(safeguard_segments.size()), plan.num_tokens);
+          safeguard_segments.push_back(guard);
+        }
+        safeguard_rows += num_heads * plan.safeguard;
+        max_safeguard = std::max(max_safeguard, plan.safeguard);
+      }
+      Segment layer_wide;
+      layer_wide.job = job_index;
+      layer_wide.head = 0;
+      layer_wide.kind = SegmentKind::kSelect;
+      layer_wide.first_slice = static_cast<int32_t>(slices.size());
+      layer_wide.has_attention = plan.attention ? 1 : 0;
+      layer_wide.num_tokens = num_heads * plan.num_tokens;
+      layer_wide.need = num_heads * plan.need;
+      layer_wide.score_offset = device_job.score_offset;
+      layer_wide.out_row = output_rows;
+      layer_wide.tokens_per_head = plan.num_tokens;
+      layer_wide.tier_offset = plan.safeguard > 0 ? tier_offset : -1;
+      layer_wide.num_slices =
+          add_slices(slices, static_cast<int32_t>(segments.size()), layer_wide.num_tokens);
+      segments.push_back(layer_wide);
+      output_rows += layer_wide.need;
+      max_need = std::max(max_need, layer_wide.need);
+      any_select = true;
+      any_adaptive = true;
+    } else if (!scores_only) {
       for (int h = 0; h < num_heads; ++h) {
         Segment segment;
         segment.job = job_index;
         segment.head = h;
         segment.kind = plan.kind;
         segment.first_slice = static_cast<int32_t>(slices.size());
-        segment.num_slices = static_cast<int32_t>((plan.num_tokens + slice_tokens - 1) / slice_tokens);
+        segment.num_slices =
+            static_cast<int32_t>((plan.num_tokens + slice_tokens - 1) / slice_tokens);
         segment.has_attention = plan.attention ? 1 : 0;
         segment.num_tokens = plan.num_tokens;
         segment.need = plan.need;
@@ -420,16 +497,28 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const size_t score_heads_at = arena.Add(score_heads.size() * sizeof(JobHead));
   const size_t segments_at = arena.Add(segments.size() * sizeof(Segment));
   const size_t slices_at = arena.Add(slices.size() * sizeof(SliceItem));
+  const size_t safeguard_segments_at = arena.Add(safeguard_segments.size() * sizeof(Segment));
+  const size_t safeguard_slices_at = arena.Add(safeguard_slices.size() * sizeof(SliceItem));
   const size_t tables_bytes = arena.size;
   const size_t partial_at = arena.Add(partial_size * sizeof(PartialStats));
   const size_t stats_at = arena.Add(stats_size * sizeof(RowStats));
   const size_t colsum_at = arena.Add(colsum_size * sizeof(float));
   const size_t scores_at = scores_only ? 0 : arena.Add(scores_size * sizeof(float));
   const size_t slice_counts_at = arena.Add(slices.size() * sizeof(SliceCounts));
+  const size_t safeguard_counts_at = arena.Add(safeguard_slices.size() * sizeof(SliceCounts));
+  const size_t safeguard_positions_at = arena.Add(safeguard_rows * sizeof(int32_t));
+  const size_t row_heads_at = arena.Add((any_adaptive ? output_rows : 0) * sizeof(int32_t));
   const size_t zero_begin = arena.Add(segments.size() * sizeof(SelectState));
   const size_t states_at = zero_begin;
   const size_t histograms_at =
       arena.Add((any_select ? segments.size() : 0) * cuda::kRadixBins * sizeof(uint32_t));
+  const size_t safeguard_states_at = arena.Add(safeguard_segments.size() * sizeof(SelectState));
+  const size_t safeguard_histograms_at =
+      arena.Add(safeguard_segments.size() * cuda::kRadixBins * sizeof(uint32_t));
+  const size_t tiers_at = arena.Add(tiers_size * sizeof(uint8_t));
+  const bool is_keydiff = spec.scorer == ScorerKind::kKeyDiff;
+  const size_t anchors_at =
+      arena.Add((is_keydiff ? score_heads.size() * head_dim : 0) * sizeof(double));
   const size_t zero_bytes = arena.size - zero_begin;
 
   KVC_ASSIGN_OR_RETURN(cuda::DeviceBuffer workspace, pool_->Allocate(arena.size, stream));
@@ -437,8 +526,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
 
   float* scores = nullptr;
   if (scores_only) {
-    KVC_ASSIGN_OR_RETURN(scores_out->buffer,
-                         pool_->Allocate(std::max<int64_t>(scores_size, 1) * sizeof(float), stream));
+    KVC_ASSIGN_OR_RETURN(
+        scores_out->buffer,
+        pool_->Allocate(std::max<int64_t>(scores_size, 1) * sizeof(float), stream));
     scores = reinterpret_cast<float*>(scores_out->buffer.data());
     scores_out->scores = scores;
     scores_out->offsets = score_offsets;
@@ -449,16 +539,18 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     const size_t values_at = output.Add(output_rows * row_bytes);
     const size_t positions_at = output.Add(output_rows * sizeof(int32_t));
     const size_t mass_at = output.Add(jobs.size() * sizeof(double));
+    const size_t head_counts_at = output.Add(jobs.size() * num_heads * sizeof(int32_t));
     KVC_ASSIGN_OR_RETURN(result->buffer, pool_->Allocate(output.size, stream));
     std::byte* out = result->buffer.data();
     result->keys = out + keys_at;
     result->values = out + values_at;
     result->positions = reinterpret_cast<int32_t*>(out + positions_at);
     result->mass_sums = reinterpret_cast<double*>(out + mass_at);
+    result->head_counts = reinterpret_cast<int32_t*>(out + head_counts_at);
     result->total_rows = output_rows;
     result->row_bytes = row_bytes;
-    KVC_CUDA_RETURN_IF_ERROR(
-        cudaMemsetAsync(result->mass_sums, 0, jobs.size() * sizeof(double), stream));
+    // Mass sums and head counts are adjacent; both start at zero.
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out + mass_at, 0, output.size - mass_at, stream));
     result->layers.resize(jobs.size());
     int64_t row = 0;
     for (size_t i = 0; i < jobs.size(); ++i) {
@@ -467,6 +559,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
       layer.sequence = jobs[i].sequence;
       layer.layer = jobs[i].layer;
       layer.kept_per_head = static_cast<int32_t>(plan.need);
+      layer.ragged_heads = plan.adaptive;
       layer.first_row = row;
       layer.num_rows = num_heads * plan.need;
       row += layer.num_rows;
@@ -489,9 +582,11 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   CopyTable(host_tables, score_heads_at, score_heads);
   CopyTable(host_tables, segments_at, segments);
   CopyTable(host_tables, slices_at, slices);
+  CopyTable(host_tables, safeguard_segments_at, safeguard_segments);
+  CopyTable(host_tables, safeguard_slices_at, safeguard_slices);
   if (tables_bytes > 0) {
-    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base, host_tables.data(), tables_bytes,
-                                             cudaMemcpyHostToDevice, stream));
+    KVC_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(base, host_tables.data(), tables_bytes, cudaMemcpyHostToDevice, stream));
   }
   if (zero_bytes > 0) {
     KVC_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(base + zero_begin, 0, zero_bytes, stream));
@@ -589,6 +684,34 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
         });
         break;
       }
+      case ScorerKind::kObserved: {
+        cuda::ObservedScoreParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.scores = scores;
+        params.shape = shape;
+        params.group_reduction = spec.observed.group_reduction;
+        params.protection = protection;
+        KVC_CUDA_RETURN_IF_ERROR(
+            cuda::LaunchObservedScores(params, num_score_heads, max_score_tokens, stream));
+        break;
+      }
+      case ScorerKind::kKeyDiff: {
+        cuda::KeyDiffParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.anchor_sums = reinterpret_cast<double*>(base + anchors_at);
+        params.scores = scores;
+        params.shape = shape;
+        params.protection = protection;
+        KVC_DISPATCH_DTYPE(geometry.dtype, kDType, {
+          KVC_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+            KVC_CUDA_RETURN_IF_ERROR((cuda::LaunchKeyDiffScores<kDType, kHeadDim>(
+                params, num_score_heads, max_score_tokens, stream)));
+          });
+        });
+        break;
+      }
       case ScorerKind::kStreaming: {
         cuda::StreamingScoreParams params;
         params.jobs = device_job_table;
@@ -601,8 +724,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
         break;
       }
       default:
-        return absl::UnimplementedError(absl::StrCat(
-            "scorer ", std::string(ScorerName(spec.scorer)), " is not implemented by the cuda backend"));
+        return absl::UnimplementedError(absl::StrCat("scorer ",
+                                                     std::string(ScorerName(spec.scorer)),
+                                                     " is not implemented by the cuda backend"));
     }
   }
   if (events != nullptr && events->scored != nullptr) {
@@ -610,7 +734,43 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   }
   if (scores_only) return absl::OkStatus();
 
-  // 3. Selection and compaction.
+  // 3. Selection and compaction. Adaptive head budgets first pick each head's safeguard and
+  // mark it in the tiers, which the layer-wide selection then ranks first.
+  auto* tiers = reinterpret_cast<uint8_t*>(base + tiers_at);
+  auto* row_heads = reinterpret_cast<int32_t*>(base + row_heads_at);
+  if (!safeguard_segments.empty()) {
+    cuda::SelectParams guard_params;
+    guard_params.segments = reinterpret_cast<const Segment*>(base + safeguard_segments_at);
+    guard_params.slices = reinterpret_cast<const SliceItem*>(base + safeguard_slices_at);
+    guard_params.num_slices = static_cast<int>(safeguard_slices.size());
+    guard_params.scores = scores;
+    guard_params.states = reinterpret_cast<SelectState*>(base + safeguard_states_at);
+    guard_params.histograms = reinterpret_cast<uint32_t*>(base + safeguard_histograms_at);
+    guard_params.slice_counts = reinterpret_cast<SliceCounts*>(base + safeguard_counts_at);
+    for (int pass = 0; pass < cuda::kRadixPasses; ++pass) {
+      guard_params.pass = pass;
+      KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchRadixSelectPass(guard_params, stream));
+    }
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchSliceCounts(guard_params, stream));
+    auto* guard_positions = reinterpret_cast<int32_t*>(base + safeguard_positions_at);
+    cuda::CompactParams guard_compact;
+    guard_compact.segments = guard_params.segments;
+    guard_compact.slices = guard_params.slices;
+    guard_compact.num_slices = guard_params.num_slices;
+    guard_compact.scores = scores;
+    guard_compact.states = guard_params.states;
+    guard_compact.slice_counts = guard_params.slice_counts;
+    guard_compact.positions = guard_positions;
+    guard_compact.jobs = device_job_table;
+    guard_compact.shape = shape;
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchCompact(guard_compact, stream));
+    cuda::MarkTiersParams mark_params;
+    mark_params.segments = guard_params.segments;
+    mark_params.positions = guard_positions;
+    mark_params.tiers = tiers;
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchMarkTiers(
+        mark_params, static_cast<int>(safeguard_segments.size()), max_safeguard, stream));
+  }
   cuda::SelectParams select_params;
   select_params.segments = reinterpret_cast<const Segment*>(base + segments_at);
   select_params.slices = reinterpret_cast<const SliceItem*>(base + slices_at);
@@ -619,6 +779,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   select_params.states = reinterpret_cast<SelectState*>(base + states_at);
   select_params.histograms = reinterpret_cast<uint32_t*>(base + histograms_at);
   select_params.slice_counts = reinterpret_cast<SliceCounts*>(base + slice_counts_at);
+  select_params.tiers = tiers;
   if (any_select) {
     for (int pass = 0; pass < cuda::kRadixPasses; ++pass) {
       select_params.pass = pass;
@@ -637,6 +798,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   compact_params.jobs = device_job_table;
   compact_params.colsum = colsum;
   compact_params.mass = result->mass_sums;
+  compact_params.tiers = tiers;
+  compact_params.row_heads = row_heads;
+  compact_params.head_counts = result->head_counts;
   compact_params.shape = shape;
   KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchCompact(compact_params, stream));
   if (events != nullptr && events->selected != nullptr) {
@@ -648,6 +812,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   gather_params.segments = select_params.segments;
   gather_params.jobs = device_job_table;
   gather_params.positions = result->positions;
+  gather_params.row_heads = row_heads;
   gather_params.out_keys = result->keys;
   gather_params.out_values = result->values;
   gather_params.shape = shape;

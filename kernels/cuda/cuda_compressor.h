@@ -31,11 +31,12 @@
 namespace kvcompress {
 
 // One layer of one sequence in device memory: the shapes of LayerView, device pointers, each
-// 16-byte aligned. Client scores (the observed scorer) are not supported here yet.
+// 16-byte aligned.
 struct DeviceLayerView {
   const std::byte* keys = nullptr;     // [H_kv, T, D] (HND) or [T, H_kv, D] (NHD)
   const std::byte* values = nullptr;   // same shape as keys
   const std::byte* queries = nullptr;  // [H_q, W, D] or null when W == 0
+  const float* scores = nullptr;       // client scores [shape.num_score_heads, T] or null
   SequenceShape shape;
 };
 
@@ -53,8 +54,11 @@ struct DeviceLayerResult {
   int sequence = 0;
   int layer = 0;
   int32_t kept_per_head = 0;  // uniform head budgets: every head keeps as many
-  int64_t first_row = 0;      // rows [first_row, first_row + num_rows) of the batch buffers
-  int64_t num_rows = 0;       // H_kv · kept_per_head; head h's rows start at h·kept_per_head
+  // Adaptive head budgets: heads keep different counts, which the device writes to
+  // DeviceBatchResult::head_counts[i·H_kv + h] (kept_per_head is then the mean, H_kv·n / H_kv).
+  bool ragged_heads = false;
+  int64_t first_row = 0;  // rows [first_row, first_row + num_rows) of the batch buffers
+  int64_t num_rows = 0;   // H_kv · kept_per_head; heads' rows follow each other in order
   // attention_mass_kept = mass_sums[i] · mass_scale when mass_scale > 0; else the fixed
   // value mass_fixed (−1: no window queries; 1: the layer was kept whole).
   double mass_scale = 0;
@@ -70,7 +74,8 @@ struct DeviceBatchResult {
   std::byte* keys = nullptr;
   std::byte* values = nullptr;
   int32_t* positions = nullptr;
-  double* mass_sums = nullptr;  // [layers]
+  double* mass_sums = nullptr;     // [layers]
+  int32_t* head_counts = nullptr;  // [layers, H_kv]: kept rows per head of ragged layers
   int64_t total_rows = 0;
   size_t row_bytes = 0;
 };
@@ -109,8 +114,7 @@ class CudaCompressor final {
   // INVALID_ARGUMENT for bad jobs (naming the job and field), UNIMPLEMENTED for methods or
   // head dims the backend does not run (CheckCudaMethodSupported), RESOURCE_EXHAUSTED over
   // the memory budget, INTERNAL on device errors.
-  absl::StatusOr<DeviceBatchResult> Compress(const CacheGeometry& geometry,
-                                             const MethodSpec& spec,
+  absl::StatusOr<DeviceBatchResult> Compress(const CacheGeometry& geometry, const MethodSpec& spec,
                                              std::span<const DeviceLayerJob> jobs,
                                              cudaStream_t stream,
                                              const StageEvents* events = nullptr);
@@ -123,6 +127,7 @@ class CudaCompressor final {
   int device() const { return device_; }
   int num_multiprocessors() const { return num_multiprocessors_; }
   cuda::DeviceMemoryPool& memory_pool() { return *pool_; }
+  const cuda::DeviceMemoryPool& memory_pool() const { return *pool_; }
 
  private:
   CudaCompressor(int device, int num_multiprocessors, int max_shared_bytes,
@@ -134,8 +139,7 @@ class CudaCompressor final {
 
   absl::Status Run(const CacheGeometry& geometry, const MethodSpec& spec,
                    std::span<const DeviceLayerJob> jobs, cudaStream_t stream, bool scores_only,
-                   const StageEvents* events, DeviceBatchResult* result,
-                   DeviceBatchScores* scores);
+                   const StageEvents* events, DeviceBatchResult* result, DeviceBatchScores* scores);
 
   const int device_;
   const int num_multiprocessors_;

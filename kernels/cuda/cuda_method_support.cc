@@ -11,16 +11,20 @@ absl::Status CheckCudaMethodSupported(const MethodSpec& spec, int head_dim) {
     case ScorerKind::kSnapKv:
     case ScorerKind::kKnorm:
     case ScorerKind::kStreaming:
+    case ScorerKind::kKeyDiff:
+    case ScorerKind::kObserved:
       break;
     default:
-      return absl::UnimplementedError(absl::StrCat(
-          "scorer ", std::string(ScorerName(spec.scorer)),
-          " is not implemented by the cuda backend; it runs snapkv, knorm and streaming"));
+      return absl::UnimplementedError(
+          absl::StrCat("scorer ", std::string(ScorerName(spec.scorer)),
+                       " is not implemented by the cuda backend; it runs snapkv, knorm, streaming, "
+                       "keydiff and observed"));
   }
-  if (spec.head_budget != HeadBudgetKind::kUniform) {
-    return absl::UnimplementedError(absl::StrCat("head budget ", std::string(HeadBudgetName(spec.head_budget)),
-                                                 " is not implemented by the cuda backend; it "
-                                                 "runs uniform head budgets"));
+  if (spec.head_budget != HeadBudgetKind::kUniform &&
+      spec.head_budget != HeadBudgetKind::kAdaptive) {
+    return absl::UnimplementedError(absl::StrCat(
+        "head budget ", std::string(HeadBudgetName(spec.head_budget)),
+        " is not implemented by the cuda backend; it runs uniform and adaptive head budgets"));
   }
   if (spec.reducer != ReducerKind::kDrop) {
     return absl::UnimplementedError(absl::StrCat("reducer ", std::string(ReducerName(spec.reducer)),

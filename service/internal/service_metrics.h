@@ -3,15 +3,72 @@
 #ifndef KVCOMPRESS_SERVICE_INTERNAL_SERVICE_METRICS_H_
 #define KVCOMPRESS_SERVICE_INTERNAL_SERVICE_METRICS_H_
 
+#include <string_view>
+
 #include "service/metrics_registry.h"
 
 namespace kvcompress {
+
+// Why a Compress stream failed: the `reason` label of kvcompress_errors_total. Finer than the
+// gRPC code (INVALID_ARGUMENT is a bad header or a malformed stream; RESOURCE_EXHAUSTED a
+// request limit, the stream limit or a memory budget).
+enum class ErrorReason {
+  kStreamLimit,         // refused: --max_concurrent_streams streams already open
+  kShuttingDown,        // refused or cut off: the server is draining
+  kInvalidHeader,       // the header's geometry, sequences, method or output is invalid
+  kRequestLimit,        // the header exceeds --max_tokens, --max_layers, ... (per request)
+  kUnimplemented,       // a method or transport this build does not run
+  kMalformedStream,     // chunks out of order, of unknown tensors, missing at half-close, ...
+  kMemoryBudget,        // --max_buffered_bytes would be exceeded
+  kDeviceMemoryBudget,  // the backend's device-memory budget would be exceeded
+  kBackend,             // the backend failed on a layer
+  kCancelled,           // the client cancelled
+  kDeadlineExceeded,    // the stream's deadline passed
+  kClientGone,          // the client stopped receiving results
+  kInternal,            // a server bug (e.g. a layer result missing)
+};
+
+constexpr std::string_view ErrorReasonName(ErrorReason reason) {
+  switch (reason) {
+    case ErrorReason::kStreamLimit:
+      return "stream_limit";
+    case ErrorReason::kShuttingDown:
+      return "shutting_down";
+    case ErrorReason::kInvalidHeader:
+      return "invalid_header";
+    case ErrorReason::kRequestLimit:
+      return "request_limit";
+    case ErrorReason::kUnimplemented:
+      return "unimplemented";
+    case ErrorReason::kMalformedStream:
+      return "malformed_stream";
+    case ErrorReason::kMemoryBudget:
+      return "memory_budget";
+    case ErrorReason::kDeviceMemoryBudget:
+      return "device_memory_budget";
+    case ErrorReason::kBackend:
+      return "backend";
+    case ErrorReason::kCancelled:
+      return "cancelled";
+    case ErrorReason::kDeadlineExceeded:
+      return "deadline_exceeded";
+    case ErrorReason::kClientGone:
+      return "client_gone";
+    case ErrorReason::kInternal:
+      return "internal";
+  }
+  return "internal";
+}
 
 struct ServiceMetrics {
   explicit ServiceMetrics(MetricsRegistry& registry)
       : requests(registry.AddCounter("kvcompress_requests_total",
                                      "Compress streams finished, by scorer and gRPC status code.",
                                      {"method", "code"})),
+        errors(registry.AddCounter("kvcompress_errors_total",
+                                   "Compress streams that failed, by reason (finer than the "
+                                   "gRPC code of kvcompress_requests_total).",
+                                   {"reason"})),
         tokens_in(registry.AddCounter(
             "kvcompress_tokens_in_total",
             "Cached tokens received, summed over sequences, layers and KV heads.")),
@@ -19,9 +76,9 @@ struct ServiceMetrics {
             registry.AddCounter("kvcompress_tokens_kept_total",
                                 "Cached tokens kept, summed over sequences, layers and KV heads.")),
         bytes_received(registry.AddCounter("kvcompress_bytes_received_total",
-                                           "Tensor bytes received in request chunks.")),
+                                           "Tensor bytes received, by transport.", {"transport"})),
         bytes_sent(registry.AddCounter("kvcompress_bytes_sent_total",
-                                       "Tensor bytes sent in result chunks.")),
+                                       "Tensor bytes sent, by transport.", {"transport"})),
         request_duration(registry.AddHistogram(
             "kvcompress_request_duration_seconds",
             "Compress stream duration from header to final status, by scorer.",
@@ -29,6 +86,11 @@ struct ServiceMetrics {
         layer_stage_duration(registry.AddHistogram(
             "kvcompress_layer_stage_duration_seconds",
             "Per-layer time by stage: queue (waiting for a worker), score, select, gather.",
+            HistogramFamily::LatencyBuckets(), {"stage"})),
+        request_stage_duration(registry.AddHistogram(
+            "kvcompress_request_stage_duration_seconds",
+            "Per successful request, seconds by stage as in its CompressSummary: receive (header "
+            "to last chunk), and queue, score, select, gather, send summed over its layers.",
             HistogramFamily::LatencyBuckets(), {"stage"})),
         compression_ratio(
             registry.AddHistogram("kvcompress_compression_ratio",
@@ -48,12 +110,14 @@ struct ServiceMetrics {
   CounterFamily& bytes_received;
   CounterFamily& bytes_sent;
   HistogramFamily& request_duration;
+  CounterFamily& errors;
   HistogramFamily& layer_stage_duration;
   HistogramFamily& compression_ratio;
   HistogramFamily& attention_mass_kept;
   GaugeFamily& requests_in_flight;
 };
 
+  HistogramFamily& request_stage_duration;
 }  // namespace kvcompress
 
 #endif  // KVCOMPRESS_SERVICE_INTERNAL_SERVICE_METRICS_H_

@@ -5,6 +5,8 @@
 //
 // Skips (GTEST_SKIP) when the build has no CUDA or cudaGetDeviceCount reports no device.
 // The SmallConfigs suite (T ≤ 2048) is the subset run under compute-sanitizer.
+#include "kernels/cuda_backend.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,7 +19,6 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/cache_geometry.h"
-#include "kernels/cuda_backend.h"
 #include "kernels/dtype.h"
 #include "kernels/method_spec.h"
 
@@ -77,11 +78,12 @@ struct GpuCase {
   int group_size = 4;
   int head_dim = 128;
   std::vector<int64_t> tokens;  // one layer job per entry: a ragged batch
-  int queries_sent = 64;         // clamped to T per job
+  int queries_sent = 64;        // clamped to T per job
   MethodSpec spec;
   int64_t keep_tokens = 0;  // > 0: absolute budget, else spec.budget's ratio
   bool keep_all_layer = false;
   uint64_t seed = 1;
+  bool scores_per_query_head = false;  // observed: H_q score rows (group-reduced), else H_kv
 };
 
 std::string CaseName(const GpuCase& c) {
@@ -91,6 +93,9 @@ std::string CaseName(const GpuCase& c) {
                                   "g", c.group_size, "d", c.head_dim, "_T");
   for (size_t i = 0; i < c.tokens.size(); ++i) absl::StrAppend(&name, i ? "x" : "", c.tokens[i]);
   absl::StrAppend(&name, "_w", c.queries_sent, "_s", c.seed);
+  if (c.spec.head_budget == HeadBudgetKind::kAdaptive) {
+    absl::StrAppend(&name, "_adaptive", static_cast<int>(c.spec.adaptive.alpha * 100));
+  }
   return name;
 }
 
@@ -112,20 +117,20 @@ GpuCase RandomCase(int index, bool small) {
   c.group_size = pick(1, 4, 8);
   c.head_dim = pick(64, 128, 256);
   c.num_kv_heads = pick(1, 2, 3);
-  const int64_t tokens = small ? pick64({1, 2, 7, 31, 63, 64, 65, 97, 127, 128, 257, 509, 1000,
-                                          1021, 2048})
-                               : pick64({4093, 4096, 10007, 16384, 32768});
+  const int64_t tokens =
+      small ? pick64({1, 2, 7, 31, 63, 64, 65, 97, 127, 128, 257, 509, 1000, 1021, 2048})
+            : pick64({4093, 4096, 10007, 16384, 32768});
   c.tokens = {tokens};
   if (index % 5 == 4) c.tokens.push_back(std::max<int64_t>(1, tokens / 3 + 1));  // ragged batch
   c.queries_sent = pick(1, 8, 17, 64, 70);
   MethodSpec& spec = c.spec;
-  spec.scorer = pick(ScorerKind::kSnapKv, ScorerKind::kSnapKv, ScorerKind::kKnorm,
-                     ScorerKind::kStreaming);
+  spec.scorer =
+      pick(ScorerKind::kSnapKv, ScorerKind::kSnapKv, ScorerKind::kKnorm, ScorerKind::kStreaming);
   spec.snapkv.window_size = pick(64, 64, 16, 128);
   spec.snapkv.kernel_size = pick(1, 3, 5, 5, 7);
   spec.snapkv.pooling = pick(Pooling::kAvg, Pooling::kAvg, Pooling::kMax);
-  spec.snapkv.group_reduction = pick(GroupReduction::kMean, GroupReduction::kMax,
-                                     GroupReduction::kSum);
+  spec.snapkv.group_reduction =
+      pick(GroupReduction::kMean, GroupReduction::kMax, GroupReduction::kSum);
   spec.streaming.sinks = pick(0, 4, 4, 9);
   spec.protect_sinks = pick(0, 0, 2, 5);
   spec.protect_recent = pick(0, 0, 3, 32);
@@ -134,6 +139,19 @@ GpuCase RandomCase(int index, bool small) {
   if (index % 7 == 3) c.keep_tokens = tokens + pick64({0, 5});  // n ≥ T
   if (index % 11 == 5) c.keep_all_layer = true;
   if (spec.scorer != ScorerKind::kSnapKv && index % 3 == 0) c.queries_sent = 0;
+  // Drawn last, so the configurations above stay what they were before keydiff and adaptive
+  // existed.
+  if (index % 5 == 2) spec.scorer = ScorerKind::kKeyDiff;
+  if (index % 7 == 6) {
+    spec.scorer = ScorerKind::kObserved;
+    spec.observed.group_reduction =
+        pick(GroupReduction::kMean, GroupReduction::kMax, GroupReduction::kSum);
+    c.scores_per_query_head = pick(true, false);
+  }
+  if (index % 3 == 1) {
+    spec.head_budget = HeadBudgetKind::kAdaptive;
+    spec.adaptive.alpha = pick(0.2, 0.2, 0.0, 0.5, 1.0);
+  }
   c.name = CaseName(c);
   return c;
 }
@@ -158,7 +176,8 @@ std::vector<GpuCase> SmallCases() {
   keep_more.keep_tokens = 5000;
   keep_more.name = "snapkv_n_ge_T";
   cases.push_back(keep_more);
-  for (ScorerKind scorer : {ScorerKind::kSnapKv, ScorerKind::kKnorm, ScorerKind::kStreaming}) {
+  for (ScorerKind scorer :
+       {ScorerKind::kSnapKv, ScorerKind::kKnorm, ScorerKind::kStreaming, ScorerKind::kKeyDiff}) {
     GpuCase prime;
     prime.tokens = {1999};
     prime.spec.scorer = scorer;
@@ -167,6 +186,16 @@ std::vector<GpuCase> SmallCases() {
     prime.name = absl::StrCat(std::string(ScorerName(scorer)), "_T_prime_1999");
     cases.push_back(prime);
   }
+  // AdaKV over streaming scores: every head scores alike, so the shared slots are settled by
+  // the tie order alone (lower head, then lower position).
+  GpuCase adaptive_ties;
+  adaptive_ties.tokens = {1500};
+  adaptive_ties.num_kv_heads = 3;
+  adaptive_ties.spec.scorer = ScorerKind::kStreaming;
+  adaptive_ties.spec.head_budget = HeadBudgetKind::kAdaptive;
+  adaptive_ties.spec.budget.keep_ratio = 0.2;
+  adaptive_ties.name = "streaming_adaptive_exact_ties";
+  cases.push_back(adaptive_ties);
   return cases;
 }
 
@@ -196,6 +225,25 @@ std::vector<GpuCase> LargeCases() {
   streaming.queries_sent = 0;
   streaming.name = "streaming_bf16_T128K";
   cases.push_back(streaming);
+  GpuCase keydiff = snapkv;
+  keydiff.spec.scorer = ScorerKind::kKeyDiff;
+  keydiff.queries_sent = 0;
+  keydiff.layout = Layout::kNHD;
+  keydiff.name = "keydiff_bf16_NHD_T128K";
+  cases.push_back(keydiff);
+  GpuCase observed = snapkv;
+  observed.spec.scorer = ScorerKind::kObserved;
+  observed.scores_per_query_head = true;
+  observed.queries_sent = 0;
+  observed.tokens = {65536};
+  observed.name = "observed_bf16_per_query_head_T64K";
+  cases.push_back(observed);
+  GpuCase adakv = snapkv;
+  adakv.num_kv_heads = 8;
+  adakv.tokens = {32768, 4099};
+  adakv.spec.head_budget = HeadBudgetKind::kAdaptive;
+  adakv.name = "snapkv_adaptive_llama_h8_T32K";
+  cases.push_back(adakv);
   GpuCase mass = snapkv;
   mass.tokens = {32768};
   mass.group_size = 8;
@@ -270,14 +318,24 @@ TEST_P(CudaBackendTest, MatchesCpuReference) {
     input.sequence = static_cast<int>(i);
     input.layer = static_cast<int>(i);
     input.shape.num_tokens = num_tokens;
-    input.shape.num_window_queries = static_cast<int>(std::min<int64_t>(c.queries_sent, num_tokens));
+    input.shape.num_window_queries =
+        static_cast<int>(std::min<int64_t>(c.queries_sent, num_tokens));
     const size_t kv_elements = static_cast<size_t>(c.num_kv_heads) * num_tokens * c.head_dim;
     input.keys = RandomTensor(kv_elements, c.dtype, c.seed * 3 + i * 101, 1.0f);
     input.values = RandomTensor(kv_elements, c.dtype, c.seed * 5 + i * 103, 1.0f);
     // Larger queries give peaked attention, as real models do.
-    input.queries = RandomTensor(static_cast<size_t>(geometry.num_query_heads) *
-                                     input.shape.num_window_queries * c.head_dim,
-                                 c.dtype, c.seed * 7 + i * 107, 2.0f);
+    input.queries = RandomTensor(
+        static_cast<size_t>(geometry.num_query_heads) * input.shape.num_window_queries * c.head_dim,
+        c.dtype, c.seed * 7 + i * 107, 2.0f);
+    if (c.spec.scorer == ScorerKind::kObserved) {
+      input.shape.num_score_heads =
+          c.scores_per_query_head ? geometry.num_query_heads : geometry.num_kv_heads;
+      const size_t count = static_cast<size_t>(input.shape.num_score_heads) * num_tokens;
+      const std::vector<std::byte> bytes =
+          RandomTensor(count, DType::kFloat32, c.seed * 11 + i * 109, 1.0f);
+      input.scores.resize(count);
+      std::memcpy(input.scores.data(), bytes.data(), bytes.size());
+    }
     inputs.push_back(std::move(input));
   }
   for (const LayerInput& input : inputs) {
@@ -339,7 +397,8 @@ TEST_P(CudaBackendTest, MatchesCpuReference) {
             KeyValueRowOffset(c.layout, c.num_kv_heads, num_tokens, c.head_dim, h, position) *
             DTypeSize(c.dtype);
         const size_t target = (static_cast<size_t>(gpu.offsets[h]) + r) * row_bytes;
-        ASSERT_EQ(std::memcmp(gpu.keys.data() + target, inputs[i].keys.data() + source, row_bytes), 0)
+        ASSERT_EQ(std::memcmp(gpu.keys.data() + target, inputs[i].keys.data() + source, row_bytes),
+                  0)
             << "key row " << r << " (position " << position << ")";
         ASSERT_EQ(
             std::memcmp(gpu.values.data() + target, inputs[i].values.data() + source, row_bytes), 0)
@@ -383,7 +442,8 @@ TEST_P(CudaBackendTest, MatchesCpuReference) {
   totals.heads += static_cast<int64_t>(jobs.size()) * c.num_kv_heads;
   totals.near_ties += near_ties;
   totals.kept_rows += kept_rows;
-  if (near_ties > 0) std::printf("[gpu near-ties] %s: %lld\n", c.name.c_str(), (long long)near_ties);
+  if (near_ties > 0)
+    std::printf("[gpu near-ties] %s: %lld\n", c.name.c_str(), (long long)near_ties);
 }
 
 TEST_P(CudaBackendTest, ScoresMatchCpuReference) {
@@ -406,9 +466,9 @@ TEST_P(CudaBackendTest, ScoresMatchCpuReference) {
   const size_t kv_elements = static_cast<size_t>(c.num_kv_heads) * num_tokens * c.head_dim;
   input.keys = RandomTensor(kv_elements, c.dtype, c.seed * 11, 1.0f);
   input.values = RandomTensor(kv_elements, c.dtype, c.seed * 13, 1.0f);
-  input.queries = RandomTensor(static_cast<size_t>(geometry.num_query_heads) *
-                                   input.shape.num_window_queries * c.head_dim,
-                               c.dtype, c.seed * 17, 2.0f);
+  input.queries = RandomTensor(
+      static_cast<size_t>(geometry.num_query_heads) * input.shape.num_window_queries * c.head_dim,
+      c.dtype, c.seed * 17, 2.0f);
   LayerJob job;
   job.input = input.view();
   job.tokens_per_head = 1;
@@ -430,8 +490,8 @@ TEST_P(CudaBackendTest, ScoresMatchCpuReference) {
       ASSERT_EQ(a, b) << "token " << j << ": knorm and streaming scores are exact";
       continue;
     }
-    const double relative = std::fabs(static_cast<double>(a) - b) /
-                            std::max(std::fabs(static_cast<double>(a)), 1e-30);
+    const double relative =
+        std::fabs(static_cast<double>(a) - b) / std::max(std::fabs(static_cast<double>(a)), 1e-30);
     worst = std::max(worst, relative);
   }
   EXPECT_LT(worst, 2e-5) << "worst relative score error";
@@ -473,10 +533,10 @@ TEST_F(CudaBackendContractTest, UnsupportedStagesAreUnimplementedByName) {
   absl::Status status = backend_->CompressLayers(geometry, spec, none, results);
   EXPECT_TRUE(absl::IsUnimplemented(status)) << status;
   EXPECT_NE(status.message().find("scorer tova"), std::string::npos) << status;
+  EXPECT_TRUE(absl::IsUnimplemented(backend_->Supports(spec, 128)));
   spec = MethodSpec{};
   spec.head_budget = HeadBudgetKind::kAdaptive;
-  status = backend_->CompressLayers(geometry, spec, none, results);
-  EXPECT_NE(status.message().find("head budget adaptive"), std::string::npos) << status;
+  EXPECT_TRUE(backend_->Supports(spec, 128).ok());
   spec = MethodSpec{};
   spec.reducer = ReducerKind::kMergeSimilar;
   status = backend_->CompressLayers(geometry, spec, none, results);

@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 extern char** environ;
 
@@ -66,6 +67,24 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const char* ou
 }
 
 }  // namespace
+
+absl::StatusOr<pid_t> SpawnProcess(const std::vector<std::string>& argv,
+                                   const std::string& output_path) {
+  return Spawn(argv, output_path.c_str());
+}
+
+std::string FindProgram(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  std::vector<std::string> dirs =
+      absl::StrSplit(path != nullptr ? path : "", ':', absl::SkipEmpty());
+  dirs.push_back("/usr/sbin");
+  dirs.push_back("/usr/bin");
+  for (const std::string& dir : dirs) {
+    const std::string candidate = dir + "/" + name;
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
 
 std::string BinDir() {
   const char* dir = std::getenv("KVC_BIN_DIR");
@@ -192,8 +211,10 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   close(fd);
   const size_t body = response.find("\r\n\r\n");
   if (body == std::string::npos) return absl::InternalError("malformed HTTP response");
-  if (response.rfind("HTTP/1.", 0) != 0 || response.find(" 200 ") == std::string::npos) {
-    return absl::InternalError(absl::StrCat("HTTP error: ", response.substr(0, body)));
+  const std::string status_line = response.substr(0, response.find("\r\n"));
+  if (status_line.rfind("HTTP/1.", 0) != 0 || status_line.find(" 200 ") == std::string::npos) {
+    return absl::InternalError(absl::StrCat("GET ", path, ": ", status_line, ": ",
+                                            response.substr(body + 4, 2000)));
   }
   return response.substr(body + 4);
 }

@@ -61,7 +61,16 @@ struct CommandResult {
 };
 absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv);
 
-// Fetches http://127.0.0.1:port/path with a plain HTTP/1.0 GET; returns the body.
+// Starts argv[0] (a path) with stdout and stderr written to `output_path` (created or
+// truncated). The caller owns the child: it must stop and reap it.
+absl::StatusOr<pid_t> SpawnProcess(const std::vector<std::string>& argv,
+                                   const std::string& output_path);
+
+// The path of `name` found in $PATH (or in /usr/sbin, /usr/bin); empty when absent.
+std::string FindProgram(const std::string& name);
+
+// Fetches http://127.0.0.1:port/path with a plain HTTP/1.0 GET; returns the body. A status
+// other than 200 is an error carrying the status line and the start of the body.
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
 
 // A fresh empty directory under $TMPDIR, removed by the caller if it wishes.

@@ -18,20 +18,25 @@ __global__ void __launch_bounds__(kGatherThreads) GatherKernel(const GatherParam
   const int chunk_shift = __ffs(row_bytes / 16) - 1;  // row_bytes / 16 is a power of two
   const int chunks = 1 << chunk_shift;
   const int64_t remaining = segment.need - first_row;
-  const int rows = remaining < kGatherRowsPerBlock ? static_cast<int>(remaining) : kGatherRowsPerBlock;
+  const int rows =
+      remaining < kGatherRowsPerBlock ? static_cast<int>(remaining) : kGatherRowsPerBlock;
   const int32_t* positions = params.positions + segment.out_row + first_row;
+  // A flat segment (adaptive head budgets) spans every head; each row names its own.
+  const bool flat = segment.tokens_per_head > 0;
+  const int64_t num_tokens = flat ? segment.tokens_per_head : segment.num_tokens;
+  const int32_t* row_heads = flat ? params.row_heads + segment.out_row + first_row : nullptr;
   for (int index = threadIdx.x; index < rows * chunks; index += blockDim.x) {
     const int row = index >> chunk_shift;
     const int chunk = index & (chunks - 1);
-    // Positions come from the compaction; clamping keeps a selection bug from reading out of
-    // bounds (the tests compare every row with the input row at its position).
-    const int64_t position = min(max(static_cast<int64_t>(positions[row]), int64_t{0}),
-                                 segment.num_tokens - 1);
-    const size_t source =
-        RowElementOffset(shape.layout, shape.num_kv_heads, segment.num_tokens, shape.head_dim,
-                         segment.head, position) *
-            element_size +
-        static_cast<size_t>(chunk) * 16;
+    // Positions and heads come from the compaction; clamping keeps a selection bug from
+    // reading out of bounds (the tests compare every row with the input row at its position).
+    const int64_t position =
+        min(max(static_cast<int64_t>(positions[row]), int64_t{0}), num_tokens - 1);
+    const int head = flat ? min(max(row_heads[row], 0), shape.num_kv_heads - 1) : segment.head;
+    const size_t source = RowElementOffset(shape.layout, shape.num_kv_heads, num_tokens,
+                                           shape.head_dim, head, position) *
+                              element_size +
+                          static_cast<size_t>(chunk) * 16;
     const size_t target =
         static_cast<size_t>(segment.out_row + first_row + row) * row_bytes + chunk * 16;
     const uint4 key = __ldg(reinterpret_cast<const uint4*>(job.keys + source));

@@ -8,10 +8,10 @@
 #ifndef KVCOMPRESS_KERNELS_CUDA_INTERNAL_KERNEL_PARAMS_H_
 #define KVCOMPRESS_KERNELS_CUDA_INTERNAL_KERNEL_PARAMS_H_
 
+#include <cuda_runtime_api.h>
+
 #include <cstddef>
 #include <cstdint>
-
-#include <cuda_runtime_api.h>
 
 #include "kernels/dtype.h"
 #include "kernels/method_spec.h"
@@ -30,21 +30,22 @@ struct BatchShape {
 // One layer of one sequence, as the kernels see it. Offsets are element offsets into the
 // batch-wide buffers named in each field's comment.
 struct DeviceJob {
-  const std::byte* keys = nullptr;     // [H_kv, T, D] (HND) or [T, H_kv, D] (NHD)
-  const std::byte* values = nullptr;   // same shape as keys
-  const std::byte* queries = nullptr;  // [H_q, num_sent, D]
-  int64_t num_tokens = 0;              // T
-  int64_t prefix = 0;                  // P = T − window
-  int32_t num_sent = 0;                // window queries sent
-  int32_t window = 0;                  // attention window (0: no attention pass)
-  int64_t score_offset = 0;            // scores: [H_kv, T] fp32
-  int64_t stats_offset = 0;            // final softmax stats: [H_kv, G·window] float2
-  int64_t partial_offset = 0;          // partial stats: [H_kv, G·window, num_chunks] float2
-  int32_t num_chunks = 0;              // key chunks of the first attention pass, per head
-  int32_t qblock_rows = 0;             // queries per query block (a multiple of query_multiple)
-  int32_t qblocks_per_member = 0;      // ceil(window / qblock_rows)
-  int32_t pad = 0;
-  int64_t colsum_offset = 0;           // column sums: [H_kv, G·qblocks_per_member, T] fp32
+  const std::byte* keys = nullptr;       // [H_kv, T, D] (HND) or [T, H_kv, D] (NHD)
+  const std::byte* values = nullptr;     // same shape as keys
+  const std::byte* queries = nullptr;    // [H_q, num_sent, D]
+  const float* client_scores = nullptr;  // observed scorer: [num_score_heads, T]
+  int64_t num_tokens = 0;                // T
+  int64_t prefix = 0;                    // P = T − window
+  int32_t num_sent = 0;                  // window queries sent
+  int32_t window = 0;                    // attention window (0: no attention pass)
+  int64_t score_offset = 0;              // scores: [H_kv, T] fp32
+  int64_t stats_offset = 0;              // final softmax stats: [H_kv, G·window] float2
+  int64_t partial_offset = 0;            // partial stats: [H_kv, G·window, num_chunks] float2
+  int32_t num_chunks = 0;                // key chunks of the first attention pass, per head
+  int32_t qblock_rows = 0;               // queries per query block (a multiple of query_multiple)
+  int32_t qblocks_per_member = 0;        // ceil(window / qblock_rows)
+  int32_t num_score_heads = 0;           // rows of client_scores: H_kv, or H_q (group-reduced)
+  int64_t colsum_offset = 0;             // column sums: [H_kv, G·qblocks_per_member, T] fp32
 };
 
 // A (job, KV head) pair.
@@ -61,8 +62,8 @@ struct AttentionItem {
   int32_t row_begin = 0;  // first pass: first query row; second pass: first query block
   int32_t row_end = 0;    // exclusive
   int64_t key_begin = 0;
-  int64_t key_end = 0;    // exclusive, ≤ T
-  int32_t chunk = 0;      // index of the key chunk (first pass)
+  int64_t key_end = 0;  // exclusive, ≤ T
+  int32_t chunk = 0;    // index of the key chunk (first pass)
   int32_t pad = 0;
 };
 
@@ -136,6 +137,26 @@ struct KnormParams {
   Protection protection;
 };
 
+// Observed (H2O): the client's scores, per KV head or group-reduced from per query head.
+struct ObservedScoreParams {
+  const DeviceJob* jobs = nullptr;
+  const JobHead* job_heads = nullptr;  // blockIdx.y
+  float* scores = nullptr;
+  BatchShape shape;
+  GroupReduction group_reduction = GroupReduction::kMean;
+  Protection protection;
+};
+
+// KeyDiff: anchor_sums [job_heads, D] fp64, zeroed, indexed by blockIdx.y.
+struct KeyDiffParams {
+  const DeviceJob* jobs = nullptr;
+  const JobHead* job_heads = nullptr;  // blockIdx.y
+  double* anchor_sums = nullptr;
+  float* scores = nullptr;
+  BatchShape shape;
+  Protection protection;
+};
+
 struct StreamingScoreParams {
   const DeviceJob* jobs = nullptr;
   const JobHead* job_heads = nullptr;  // blockIdx.y
@@ -160,11 +181,19 @@ struct Segment {
   int32_t num_slices = 0;
   int32_t has_attention = 0;  // add the kept keys' attention to the job's mass
   int64_t num_tokens = 0;
-  int64_t need = 0;           // rows kept
+  int64_t need = 0;  // rows kept
   int64_t score_offset = 0;
-  int64_t out_row = 0;        // first output row
+  int64_t out_row = 0;  // first output row
   int64_t range_first_end = 0;
   int64_t range_second_begin = 0;
+  // > 0: a layer-wide segment of adaptive head budgets over the job's H_kv·T scores as one
+  // flat array (token = head·T + position, so ties fall to the lower head, then the lower
+  // position); this is T. Its kept rows are ragged per head (CompactParams::row_heads).
+  int64_t tokens_per_head = 0;
+  // ≥ 0: offset of the job's [H_kv, T] safeguard tiers (AdaKV): a flat segment ranks tokens
+  // whose tier is set before every score; a per-head safeguard segment marks its kept tokens
+  // there (MarkTiers).
+  int64_t tier_offset = -1;
 };
 
 // A slice of one segment's tokens.
@@ -198,6 +227,7 @@ struct SelectParams {
   const SliceItem* slices = nullptr;
   int num_slices = 0;
   const float* scores = nullptr;
+  const uint8_t* tiers = nullptr;  // safeguard tiers of flat segments
   SelectState* states = nullptr;
   uint32_t* histograms = nullptr;  // [segments, kRadixBins], zeroed
   SliceCounts* slice_counts = nullptr;
@@ -211,7 +241,11 @@ struct CompactParams {
   const float* scores = nullptr;
   const SelectState* states = nullptr;
   const SliceCounts* slice_counts = nullptr;
+  const uint8_t* tiers = nullptr;
   int32_t* positions = nullptr;  // [Σ need]
+  // Flat segments: the KV head of each output row, and kept rows per (job, head), counted up.
+  int32_t* row_heads = nullptr;    // [Σ need]
+  int32_t* head_counts = nullptr;  // [jobs, H_kv], zeroed
   // Attention mass of kept keys: Σ over query blocks of the column sums, per job.
   const DeviceJob* jobs = nullptr;
   const float* colsum = nullptr;
@@ -223,12 +257,20 @@ struct GatherParams {
   const Segment* segments = nullptr;
   const DeviceJob* jobs = nullptr;
   const int32_t* positions = nullptr;
-  std::byte* out_keys = nullptr;    // [Σ need, D]
-  std::byte* out_values = nullptr;  // [Σ need, D]
+  const int32_t* row_heads = nullptr;  // flat segments: the KV head of each output row
+  std::byte* out_keys = nullptr;       // [Σ need, D]
+  std::byte* out_values = nullptr;     // [Σ need, D]
   BatchShape shape;
 };
 
 inline constexpr int kGatherRowsPerBlock = 32;
+
+// Sets the safeguard tier of every token the per-head safeguard segments kept.
+struct MarkTiersParams {
+  const Segment* segments = nullptr;   // safeguard segments (tier_offset ≥ 0)
+  const int32_t* positions = nullptr;  // their kept positions
+  uint8_t* tiers = nullptr;
+};
 
 // Launchers: enqueue one kernel on `stream`. Template arguments are compile-time dtype and
 // head_dim; KVC_DISPATCH_* (dispatch.h) turns runtime values into them.
@@ -237,12 +279,17 @@ cudaError_t LaunchWindowStats(const WindowStatsParams& params, cudaStream_t stre
 template <DType kDType, int kHeadDim>
 cudaError_t LaunchColumnSums(const ColumnSumParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim>
-cudaError_t LaunchKnormScores(const KnormParams& params, int num_job_heads,
-                              int64_t max_tokens, cudaStream_t stream);
+cudaError_t LaunchKnormScores(const KnormParams& params, int num_job_heads, int64_t max_tokens,
+                              cudaStream_t stream);
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchKeyDiffScores(const KeyDiffParams& params, int num_job_heads, int64_t max_tokens,
+                                cudaStream_t stream);
 
-cudaError_t LaunchStatsCombine(const StatsCombineParams& params, int num_job_heads,
-                               int max_rows, cudaStream_t stream);
+cudaError_t LaunchStatsCombine(const StatsCombineParams& params, int num_job_heads, int max_rows,
+                               cudaStream_t stream);
 cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job_heads,
+                                 int64_t max_tokens, cudaStream_t stream);
+cudaError_t LaunchObservedScores(const ObservedScoreParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream);
 cudaError_t LaunchStreamingScores(const StreamingScoreParams& params, int num_job_heads,
                                   int64_t max_tokens, cudaStream_t stream);
@@ -251,6 +298,8 @@ cudaError_t LaunchSliceCounts(const SelectParams& params, cudaStream_t stream);
 cudaError_t LaunchCompact(const CompactParams& params, cudaStream_t stream);
 cudaError_t LaunchGather(const GatherParams& params, int num_segments, int64_t max_need,
                          cudaStream_t stream);
+cudaError_t LaunchMarkTiers(const MarkTiersParams& params, int num_segments, int64_t max_need,
+                            cudaStream_t stream);
 
 // Tiling constants of the attention passes for (dtype, head_dim), shared by the planner and
 // the kernels so that chunk boundaries line up with tiles.
@@ -267,8 +316,11 @@ constexpr AttentionTiling AttentionTilingFor(DType dtype, int head_dim) {
   const bool is_float32 = dtype == DType::kFloat32;
   const int rows_per_warp = is_float32 ? 16 : 16 * (256 / head_dim);
   const int element_size = is_float32 ? 4 : 2;
-  return AttentionTiling{rows_per_warp, rows_per_warp * 8, 16384 / (head_dim * element_size),
-                         is_float32 ? 2 : 4, is_float32 ? 1 : (head_dim == 64 ? 1 : 4),
+  return AttentionTiling{rows_per_warp,
+                         rows_per_warp * 8,
+                         16384 / (head_dim * element_size),
+                         is_float32 ? 2 : 4,
+                         is_float32 ? 1 : (head_dim == 64 ? 1 : 4),
                          is_float32 ? 8 : (head_dim == 64 ? 8 : 32)};
 }
 

@@ -77,69 +77,193 @@ __global__ void __launch_bounds__(kFinalizeTokens)
     score = static_cast<float>(reduced / divisor);
   }
   if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
-  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      score;
 }
 
 // −‖k_j‖₂ with the squares summed in fp64 in element order, exactly as the CPU reference sums
 // them (each square of a float is exact in fp64, so FMA contraction changes nothing): the
 // scores are bit-identical. Rows are staged through shared memory (coalesced loads, padded to
 // avoid bank conflicts) so that each thread can walk its own row in order.
+// Key rows of one (job, head) staged in shared memory, one row per thread: coalesced loads,
+// rows padded to avoid bank conflicts, so that each thread can walk its own row in order.
+template <DType kDType, int kHeadDim>
+struct StagedKeyRows {
+  using Traits = ElementTraits<kDType>;
+  static constexpr int kRowBytes = kHeadDim * Traits::kSize;
+  static constexpr int kTokens = kRowBytes <= 256 ? 128 : (kRowBytes <= 512 ? 64 : 32);
+  static constexpr int kWords = kRowBytes / 4;
+  static constexpr int kStride = kWords + 1;
+  static constexpr int kChunks = kRowBytes / 16;
+
+  uint32_t words[kTokens * kStride];
+
+  // Loads rows [first, first + kTokens) ∩ [0, T) of `head`; ends synced.
+  __device__ void Load(const DeviceJob& job, const BatchShape& shape, int head, int64_t first) {
+    for (int index = threadIdx.x; index < kTokens * kChunks; index += blockDim.x) {
+      const int row = index / kChunks;
+      const int chunk = index % kChunks;
+      const int64_t token = first + row;
+      if (token < job.num_tokens) {
+        const uint4 value = __ldg(
+            reinterpret_cast<const uint4*>(job.keys +
+                                           RowElementOffset(shape.layout, shape.num_kv_heads,
+                                                            job.num_tokens, kHeadDim, head, token) *
+                                               Traits::kSize +
+                                           chunk * 16));
+        uint32_t* out = words + row * kStride + chunk * 4;
+        out[0] = value.x;
+        out[1] = value.y;
+        out[2] = value.z;
+        out[3] = value.w;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Element d of row `row`, exactly as a float.
+  __device__ float At(int row, int d) const {
+    if constexpr (Traits::kIsFloat32) {
+      return __uint_as_float(words[row * kStride + d]);
+    } else {
+      const uint32_t bits = words[row * kStride + d / 2];
+      const uint16_t half = static_cast<uint16_t>((d & 1) ? bits >> 16 : bits & 0xffffu);
+      return Traits::kIsBFloat16 ? BFloat16ToFloat(half) : Float16ToFloat(half);
+    }
+  }
+
+  // Σ_d x_d² in fp64 in element order (each square of a float is exact in fp64, so the sum
+  // is the CPU reference's bit for bit).
+  __device__ double SquaredNorm(int row) const {
+    double squares = 0.0;
+#pragma unroll 8
+    for (int d = 0; d < kHeadDim; ++d) {
+      const double x = At(row, d);
+      squares += x * x;
+    }
+    return squares;
+  }
+};
+
+// −‖k_j‖₂ with the squares summed in fp64 in element order, exactly as the CPU reference sums
+// them: the scores are bit-identical.
 template <DType kDType, int kHeadDim>
 __global__ void KnormKernel(const KnormParams params) {
-  using Traits = ElementTraits<kDType>;
-  constexpr int kRowBytes = kHeadDim * Traits::kSize;
-  constexpr int kTokens = kRowBytes <= 256 ? 128 : (kRowBytes <= 512 ? 64 : 32);
-  constexpr int kWords = kRowBytes / 4;
-  constexpr int kStride = kWords + 1;
-  constexpr int kChunks = kRowBytes / 16;
-  __shared__ uint32_t rows[kTokens * kStride];
-
+  using Rows = StagedKeyRows<kDType, kHeadDim>;
+  __shared__ Rows rows;
   const JobHead job_head = params.job_heads[blockIdx.y];
   const DeviceJob& job = params.jobs[job_head.job];
-  const BatchShape shape = params.shape;
   const int64_t num_tokens = job.num_tokens;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTokens;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * Rows::kTokens;
   if (first >= num_tokens) return;
-  for (int index = threadIdx.x; index < kTokens * kChunks; index += blockDim.x) {
-    const int row = index / kChunks;
-    const int chunk = index % kChunks;
-    const int64_t token = first + row;
-    if (token < num_tokens) {
-      const uint4 value = __ldg(reinterpret_cast<const uint4*>(
-          job.keys + RowElementOffset(shape.layout, shape.num_kv_heads, num_tokens, kHeadDim,
-                                      job_head.head, token) *
-                         Traits::kSize +
-          chunk * 16));
-      uint32_t* out = rows + row * kStride + chunk * 4;
-      out[0] = value.x;
-      out[1] = value.y;
-      out[2] = value.z;
-      out[3] = value.w;
-    }
-  }
-  __syncthreads();
+  rows.Load(job, params.shape, job_head.head, first);
   const int64_t token = first + threadIdx.x;
   if (token >= num_tokens) return;
-  const uint32_t* row = rows + threadIdx.x * kStride;
-  double squares = 0.0;
-#pragma unroll 8
-  for (int word = 0; word < kWords; ++word) {
-    const uint32_t bits = row[word];
-    if constexpr (Traits::kIsFloat32) {
-      const double x = __uint_as_float(bits);
-      squares += x * x;
+  float score = static_cast<float>(-sqrt(rows.SquaredNorm(threadIdx.x)));
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      score;
+}
+
+// The thresholds torch's F.normalize and F.cosine_similarity clamp norms to (as the CPU).
+constexpr double kNormalizeEps = 1e-12;
+constexpr double kCosineEps = 1e-8;
+
+// KeyDiff, first pass: anchor_sums[job_head, d] += Σ_j k_jd / max(‖k_j‖, 1e-12) in fp64.
+// Blocks add their partial sums atomically, so the order of the sum differs from the CPU's;
+// the anchor moves by ~1e-16 relative, far below what an fp32 score can show.
+template <DType kDType, int kHeadDim>
+__global__ void KeyDiffAnchorKernel(const KeyDiffParams params) {
+  using Rows = StagedKeyRows<kDType, kHeadDim>;
+  __shared__ Rows rows;
+  __shared__ double inverse_norms[Rows::kTokens];
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * Rows::kTokens;
+  if (first >= job.num_tokens) return;
+  rows.Load(job, params.shape, job_head.head, first);
+  const int64_t remaining = job.num_tokens - first;
+  const int valid = remaining < Rows::kTokens ? static_cast<int>(remaining) : Rows::kTokens;
+  if (static_cast<int>(threadIdx.x) < valid) {
+    inverse_norms[threadIdx.x] = 1.0 / fmax(sqrt(rows.SquaredNorm(threadIdx.x)), kNormalizeEps);
+  }
+  __syncthreads();
+  double* anchor_sums = params.anchor_sums + static_cast<int64_t>(blockIdx.y) * kHeadDim;
+  for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
+    double sum = 0.0;
+    for (int row = 0; row < valid; ++row) {
+      sum = __dadd_rn(sum, __dmul_rn(rows.At(row, d), inverse_norms[row]));
+    }
+    atomicAdd(&anchor_sums[d], sum);
+  }
+}
+
+// KeyDiff, second pass: score_j = −(k_j·a) / (max(‖k_j‖, 1e-8)·max(‖a‖, 1e-8)), a = sums / T,
+// in fp64 with the CPU's order of operations (no FMA contraction).
+template <DType kDType, int kHeadDim>
+__global__ void KeyDiffScoreKernel(const KeyDiffParams params) {
+  using Rows = StagedKeyRows<kDType, kHeadDim>;
+  __shared__ Rows rows;
+  __shared__ double anchor[kHeadDim];
+  __shared__ double anchor_norm;
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * Rows::kTokens;
+  if (first >= num_tokens) return;
+  const double* anchor_sums = params.anchor_sums + static_cast<int64_t>(blockIdx.y) * kHeadDim;
+  for (int d = threadIdx.x; d < kHeadDim; d += blockDim.x) {
+    anchor[d] = anchor_sums[d] / static_cast<double>(num_tokens);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double squares = 0.0;
+    for (int d = 0; d < kHeadDim; ++d)
+      squares = __dadd_rn(squares, __dmul_rn(anchor[d], anchor[d]));
+    anchor_norm = fmax(sqrt(squares), kCosineEps);
+  }
+  rows.Load(job, params.shape, job_head.head, first);
+  const int64_t token = first + threadIdx.x;
+  if (token >= num_tokens) return;
+  double dot = 0.0;
+  for (int d = 0; d < kHeadDim; ++d)
+    dot = __dadd_rn(dot, __dmul_rn(rows.At(threadIdx.x, d), anchor[d]));
+  const double norm = fmax(sqrt(rows.SquaredNorm(threadIdx.x)), kCosineEps);
+  float score = static_cast<float>(-dot / __dmul_rn(norm, anchor_norm));
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      score;
+}
+
+// The CPU reference's reduction of the client's scores (fp64, members in order, NaN in any
+// member makes the token NaN), rounded once to fp32.
+__global__ void ObservedScoresKernel(const ObservedScoreParams params) {
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (token >= num_tokens) return;
+  const bool per_query_head = job.num_score_heads != params.shape.num_kv_heads;
+  const int members = per_query_head ? params.shape.group_size : 1;
+  const float* rows =
+      job.client_scores + static_cast<int64_t>(job_head.head) * members * num_tokens + token;
+  const bool max_reduction = params.group_reduction == GroupReduction::kMax;
+  double reduced = max_reduction ? -INFINITY : 0.0;
+  bool any_nan = false;
+  for (int member = 0; member < members; ++member) {
+    const double value = rows[static_cast<int64_t>(member) * num_tokens];
+    any_nan = any_nan || isnan(value);
+    if (max_reduction) {
+      reduced = value > reduced ? value : reduced;
     } else {
-      const uint16_t low = static_cast<uint16_t>(bits & 0xffffu);
-      const uint16_t high = static_cast<uint16_t>(bits >> 16);
-      const double x0 = Traits::kIsBFloat16 ? BFloat16ToFloat(low) : Float16ToFloat(low);
-      const double x1 = Traits::kIsBFloat16 ? BFloat16ToFloat(high) : Float16ToFloat(high);
-      squares += x0 * x0;
-      squares += x1 * x1;
+      reduced += value;
     }
   }
-  float score = static_cast<float>(-sqrt(squares));
+  if (params.group_reduction == GroupReduction::kMean) reduced /= members;
+  float score = any_nan ? NAN : static_cast<float>(reduced);
   if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
-  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      score;
 }
 
 __global__ void StreamingScoresKernel(const StreamingScoreParams params) {
@@ -150,7 +274,8 @@ __global__ void StreamingScoresKernel(const StreamingScoreParams params) {
   if (token >= num_tokens) return;
   float score = token < params.sinks ? INFINITY : static_cast<float>(token);
   if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
-  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] = score;
+  params.scores[job.score_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      score;
 }
 
 constexpr int kScoreThreads = 256;
@@ -165,8 +290,16 @@ dim3 TokenGrid(int64_t max_tokens, int threads, int num_job_heads) {
 cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream) {
   if (num_job_heads == 0) return cudaSuccess;
-  SnapKvFinalizeKernel<<<TokenGrid(max_tokens, kFinalizeTokens, num_job_heads), kFinalizeTokens,
-                         0, stream>>>(params);
+  SnapKvFinalizeKernel<<<TokenGrid(max_tokens, kFinalizeTokens, num_job_heads), kFinalizeTokens, 0,
+                         stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchObservedScores(const ObservedScoreParams& params, int num_job_heads,
+                                 int64_t max_tokens, cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  ObservedScoresKernel<<<TokenGrid(max_tokens, kScoreThreads, num_job_heads), kScoreThreads, 0,
+                         stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -182,16 +315,28 @@ template <DType kDType, int kHeadDim>
 cudaError_t LaunchKnormScores(const KnormParams& params, int num_job_heads, int64_t max_tokens,
                               cudaStream_t stream) {
   if (num_job_heads == 0) return cudaSuccess;
-  constexpr int kRowBytes = kHeadDim * ElementTraits<kDType>::kSize;
-  constexpr int kTokens = kRowBytes <= 256 ? 128 : (kRowBytes <= 512 ? 64 : 32);
+  constexpr int kTokens = StagedKeyRows<kDType, kHeadDim>::kTokens;
   KnormKernel<kDType, kHeadDim>
       <<<TokenGrid(max_tokens, kTokens, num_job_heads), kTokens, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
-#define KVC_INSTANTIATE_KNORM(dtype, head_dim)                                             \
-  template cudaError_t LaunchKnormScores<dtype, head_dim>(const KnormParams&, int, int64_t, \
-                                                          cudaStream_t);
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchKeyDiffScores(const KeyDiffParams& params, int num_job_heads, int64_t max_tokens,
+                                cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  constexpr int kTokens = StagedKeyRows<kDType, kHeadDim>::kTokens;
+  const dim3 grid = TokenGrid(max_tokens, kTokens, num_job_heads);
+  KeyDiffAnchorKernel<kDType, kHeadDim><<<grid, kTokens, 0, stream>>>(params);
+  KeyDiffScoreKernel<kDType, kHeadDim><<<grid, kTokens, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+#define KVC_INSTANTIATE_KNORM(dtype, head_dim)                                                  \
+  template cudaError_t LaunchKnormScores<dtype, head_dim>(const KnormParams&, int, int64_t,     \
+                                                          cudaStream_t);                        \
+  template cudaError_t LaunchKeyDiffScores<dtype, head_dim>(const KeyDiffParams&, int, int64_t, \
+                                                            cudaStream_t);
 
 KVC_INSTANTIATE_KNORM(DType::kFloat16, 64)
 KVC_INSTANTIATE_KNORM(DType::kFloat16, 128)

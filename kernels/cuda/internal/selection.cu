@@ -22,6 +22,17 @@ __device__ __forceinline__ const float* SegmentScores(const float* scores, const
   return scores + segment.score_offset + static_cast<int64_t>(segment.head) * segment.num_tokens;
 }
 
+// The selection key of `token` in `segment`: a flat segment's safeguarded tokens take key 0,
+// which no score reaches (+inf maps to 0x007fffff), so they rank before every score.
+__device__ __forceinline__ uint32_t SegmentKey(const Segment& segment, const float* scores,
+                                               const uint8_t* tiers, int64_t token) {
+  if (segment.tokens_per_head > 0 && segment.tier_offset >= 0 &&
+      tiers[segment.tier_offset + token] != 0) {
+    return 0u;
+  }
+  return SelectionKey(scores[token]);
+}
+
 __global__ void __launch_bounds__(kSelectThreads) RadixSelectPassKernel(const SelectParams params) {
   __shared__ uint32_t histogram[kRadixBins];
   __shared__ int64_t scan_scratch[33];
@@ -44,7 +55,7 @@ __global__ void __launch_bounds__(kSelectThreads) RadixSelectPassKernel(const Se
   const int lane = threadIdx.x & 31;
   for (int64_t tile = item.begin; tile < item.end; tile += blockDim.x) {
     const int64_t token = tile + threadIdx.x;
-    const uint32_t key = token < item.end ? SelectionKey(scores[token]) : 0u;
+    const uint32_t key = token < item.end ? SegmentKey(segment, scores, params.tiers, token) : 0u;
     const bool counted = token < item.end && (key & mask) == prefix;
     const uint32_t digit = counted ? (key >> shift) & digit_mask : 0xffffffffu;
     const unsigned peers = __match_any_sync(0xffffffffu, digit);
@@ -101,7 +112,7 @@ __global__ void __launch_bounds__(kSelectThreads) SliceCountsKernel(const Select
   int64_t less = 0;
   int64_t equal = 0;
   for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
-    const uint32_t key = SelectionKey(scores[token]);
+    const uint32_t key = SegmentKey(segment, scores, params.tiers, token);
     less += key < threshold;
     equal += key == threshold;
   }
@@ -120,25 +131,39 @@ __global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactPar
   const Segment& segment = params.segments[item.segment];
   int32_t* out = params.positions + segment.out_row;
   const bool add_mass = segment.has_attention != 0;
-  const float* key_sums = nullptr;
+  const bool flat = segment.tokens_per_head > 0;
+  // A flat segment's token is head·T + position; a per-head segment's is the position.
+  const int64_t head_tokens = flat ? segment.tokens_per_head : segment.num_tokens;
+  const float* job_sums = nullptr;
   int num_qblocks = 0;
   if (add_mass) {
     const DeviceJob& job = params.jobs[segment.job];
     num_qblocks = params.shape.group_size * job.qblocks_per_member;
-    key_sums = params.colsum + job.colsum_offset +
-               static_cast<int64_t>(segment.head) * num_qblocks * segment.num_tokens;
+    job_sums = params.colsum + job.colsum_offset;
   }
-  const auto key_mass = [&](int64_t token) {
+  const auto key_mass = [&](int64_t head, int64_t position) {
+    const float* key_sums = job_sums + head * num_qblocks * head_tokens;
     double sum = 0.0;
-    for (int qb = 0; qb < num_qblocks; ++qb) sum += key_sums[qb * segment.num_tokens + token];
+    for (int qb = 0; qb < num_qblocks; ++qb) sum += key_sums[qb * head_tokens + position];
     return sum;
+  };
+  // Writes the kept `token` to output row `index`.
+  const auto keep = [&](int64_t index, int64_t token) {
+    int64_t head = segment.head;
+    int64_t position = token;
+    if (flat) {
+      head = token / head_tokens;
+      position = token - head * head_tokens;
+      params.row_heads[segment.out_row + index] = static_cast<int32_t>(head);
+    }
+    out[index] = static_cast<int32_t>(position);
+    return add_mass ? key_mass(head, position) : 0.0;
   };
   double mass = 0.0;
 
   if (segment.kind == SegmentKind::kKeepAll) {
     for (int64_t token = item.begin + threadIdx.x; token < item.end; token += blockDim.x) {
-      out[token] = static_cast<int32_t>(token);
-      if (add_mass) mass += key_mass(token);
+      mass += keep(token, token);
     }
   } else if (segment.kind == SegmentKind::kRanges) {
     const int64_t first_end = segment.range_first_end;
@@ -151,10 +176,7 @@ __global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactPar
       } else if (token >= second_begin && token < second_end) {
         index = first_end + (token - second_begin);
       }
-      if (index >= 0) {
-        out[index] = static_cast<int32_t>(token);
-        if (add_mass) mass += key_mass(token);
-      }
+      if (index >= 0) mass += keep(index, token);
     }
   } else {
     int64_t less_before = 0;
@@ -170,7 +192,7 @@ __global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactPar
     for (int64_t tile = item.begin; tile < item.end; tile += blockDim.x) {
       const int64_t token = tile + threadIdx.x;
       const bool valid = token < item.end;
-      const uint32_t key = valid ? SelectionKey(scores[token]) : 0xffffffffu;
+      const uint32_t key = valid ? SegmentKey(segment, scores, params.tiers, token) : 0xffffffffu;
       const bool is_less = valid && key < threshold;
       const bool is_equal = valid && key == threshold;
       const int32_t flags = (is_less ? 1 : 0) | (is_equal ? (1 << 16) : 0);
@@ -178,10 +200,21 @@ __global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactPar
       const int32_t exclusive = BlockExclusiveScan(flags, scan_scratch, tile_total);
       const int64_t my_less = less_before + (exclusive & 0xffff);
       const int64_t my_equal = equal_before + (exclusive >> 16);
-      if (is_less || (is_equal && my_equal < equal_wanted)) {
+      const bool kept = is_less || (is_equal && my_equal < equal_wanted);
+      if (kept) {
         const int64_t index = my_less + (my_equal < equal_wanted ? my_equal : equal_wanted);
-        out[index] = static_cast<int32_t>(token);
-        if (add_mass) mass += key_mass(token);
+        mass += keep(index, token);
+      }
+      if (flat) {
+        // Kept rows per head, one atomic per (warp, head): a tile's tokens mostly share a head.
+        const int head = kept ? static_cast<int>(token / head_tokens) : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, head);
+        if (kept && (threadIdx.x & 31) == __ffs(peers) - 1) {
+          atomicAdd(
+              &params.head_counts[static_cast<int64_t>(segment.job) * params.shape.num_kv_heads +
+                                  head],
+              __popc(peers));
+        }
       }
       less_before += tile_total & 0xffff;
       equal_before += tile_total >> 16;
@@ -193,7 +226,27 @@ __global__ void __launch_bounds__(kSelectThreads) CompactKernel(const CompactPar
   }
 }
 
+constexpr int kMarkThreads = 256;
+
+__global__ void __launch_bounds__(kMarkThreads) MarkTiersKernel(const MarkTiersParams params) {
+  const Segment& segment = params.segments[blockIdx.y];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMarkThreads + threadIdx.x;
+  if (row >= segment.need) return;
+  const int64_t position = params.positions[segment.out_row + row];
+  params.tiers[segment.tier_offset + static_cast<int64_t>(segment.head) * segment.num_tokens +
+               position] = 1;
+}
+
 }  // namespace
+
+cudaError_t LaunchMarkTiers(const MarkTiersParams& params, int num_segments, int64_t max_need,
+                            cudaStream_t stream) {
+  if (num_segments == 0 || max_need == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((max_need + kMarkThreads - 1) / kMarkThreads),
+                  static_cast<unsigned>(num_segments));
+  MarkTiersKernel<<<grid, kMarkThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchRadixSelectPass(const SelectParams& params, cudaStream_t stream) {
   if (params.num_slices == 0) return cudaSuccess;

@@ -397,18 +397,20 @@ class MethodParameter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_value: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
-    __slots__ = ("name", "stage", "implemented", "description", "parameters")
+    __slots__ = ("name", "stage", "implemented", "description", "parameters", "backends")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     IMPLEMENTED_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: str
     implemented: bool
     description: str
     parameters: _containers.RepeatedCompositeFieldContainer[MethodParameter]
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., implemented: bool = ..., description: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[MethodParameter, _Mapping]]] = ...) -> None: ...
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., implemented: bool = ..., description: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[MethodParameter, _Mapping]]] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_request_bytes", "max_tokens", "max_layers", "max_sequences", "max_concurrent_streams", "max_chunk_bytes")
@@ -427,15 +429,25 @@ class Limits(_message.Message):
     def __init__(self, max_request_bytes: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_layers: _Optional[int] = ..., max_sequences: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("name", "memory_bytes")
+    __slots__ = ("name", "memory_bytes", "backend", "ordinal", "compute_capability", "memory_budget_bytes", "memory_in_use_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     memory_bytes: int
-    def __init__(self, name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    ordinal: int
+    compute_capability: str
+    memory_budget_bytes: int
+    memory_in_use_bytes: int
+    def __init__(self, name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., ordinal: _Optional[int] = ..., compute_capability: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., memory_in_use_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "methods", "dtypes", "layouts", "transports", "devices", "limits", "worker_threads")
+    __slots__ = ("version", "backend", "methods", "dtypes", "layouts", "transports", "devices", "limits", "worker_threads", "backends")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -445,6 +457,7 @@ class ServerInfo(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     WORKER_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     methods: _containers.RepeatedCompositeFieldContainer[MethodInfo]
@@ -454,4 +467,5 @@ class ServerInfo(_message.Message):
     devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
     limits: Limits
     worker_threads: int
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., layouts: _Optional[_Iterable[_Union[Layout, str]]] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., worker_threads: _Optional[int] = ...) -> None: ...
+    backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[MethodInfo, _Mapping]]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., layouts: _Optional[_Iterable[_Union[Layout, str]]] = ..., transports: _Optional[_Iterable[_Union[Transport, str]]] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., worker_threads: _Optional[int] = ..., backends: _Optional[_Iterable[str]] = ...) -> None: ...
