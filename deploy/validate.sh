@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Renders every overlay in deploy/k8s/overlays with kustomize and validates the result offline
-# (deploy/validate_manifests.py): Kubernetes schemas from the kubernetes-validate package, a
-# structural check for CRD kinds, kvcompress's rules. Also lints the Dockerfile's essentials.
+# Renders every overlay in deploy/k8s/overlays (and deploy/grafana, the dashboard's ConfigMap)
+# with kustomize and validates the result offline (deploy/validate_manifests.py): Kubernetes
+# schemas from the kubernetes-validate package, a structural check for CRD kinds, kvcompress's
+# rules. Also lints the Dockerfile's essentials.
 # Needs: kubectl (Debian kubernetes-client) or kustomize; python with kubernetes-validate and
 # PyYAML (tests/deploy/requirements.txt, installed into .venv by scripts/python_env.sh).
 # Usage: deploy/validate.sh            PYTHON=... to choose the interpreter.
@@ -22,7 +23,8 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 status=0
-for overlay in "$here"/k8s/overlays/*/; do
+# The overlays, and the Grafana dashboard's ConfigMap (applied on its own, beside Grafana).
+for overlay in "$here"/k8s/overlays/*/ "$here"/grafana/; do
   name="$(basename "$overlay")"
   # kustomize ≥ 5 warns about fields kept for kustomize 2 (kubectl 1.20); only errors matter.
   if ! "${render[@]}" "$overlay" >"$work/$name.yaml" 2>"$work/$name.err"; then

@@ -98,8 +98,8 @@ struct ServiceMetrics {
                                   HistogramFamily::FractionBuckets())),
         attention_mass_kept(registry.AddHistogram(
             "kvcompress_attention_mass_kept_ratio",
-            "Fraction of the observation window's attention on kept tokens, per layer "
-            "(attention-based scorers).",
+            "Fraction of the observation window's attention on kept tokens, per layer sent "
+            "with window queries.",
             HistogramFamily::FractionBuckets())),
         requests_in_flight(
             registry.AddGauge("kvcompress_requests_in_flight", "Compress streams open now.")) {}

@@ -2,6 +2,8 @@
 // imports (panels, grid, a templated Prometheus datasource), and every metric and label its
 // panels query exists on a real kvcd's /metrics page, apart from the few only a GPU backend
 // feeds. (prometheus_scrape_test also evaluates every expression in a real Prometheus.)
+#include "tests/integration/grafana_dashboard.h"
+
 #include <chrono>
 #include <map>
 #include <regex>
@@ -13,7 +15,6 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
-#include "tests/integration/grafana_dashboard.h"
 #include "tests/integration/kvcd_process.h"
 #include "tests/integration/metrics_exposition.h"
 #include "tests/integration/raw_stream.h"
@@ -61,8 +62,8 @@ TEST_F(GrafanaDashboardTest, IsAnImportableDashboard) {
   for (const nlohmann::json& variable : dashboard_["templating"]["list"]) {
     variables.insert(variable.value("name", ""));
     if (variable.value("name", "") == "datasource") {
-      datasource_variable = variable.value("type", "") == "datasource" &&
-                            variable.value("query", "") == "prometheus";
+      datasource_variable =
+          variable.value("type", "") == "datasource" && variable.value("query", "") == "prometheus";
     }
   }
   EXPECT_TRUE(datasource_variable) << "needs a `datasource` variable of type datasource";
@@ -131,7 +132,8 @@ TEST_F(GrafanaDashboardTest, EveryQueriedMetricAndLabelExistsInKvcdsExposition) 
       labels[sample.name].insert(family.label_names.begin(), family.label_names.end());
     }
   }
-  for (const auto& [name, names] : GpuOnlyMetrics()) labels[name].insert(names.begin(), names.end());
+  for (const auto& [name, names] : GpuOnlyMetrics())
+    labels[name].insert(names.begin(), names.end());
 
   std::set<std::string> used;
   for (const DashboardQuery& query : DashboardQueries(dashboard_)) {

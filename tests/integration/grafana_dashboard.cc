@@ -33,7 +33,8 @@ void CollectQueries(const nlohmann::json& panels, std::vector<DashboardQuery>& o
 
 std::string DashboardPath() {
   const char* source = std::getenv("KVC_SOURCE_DIR");
-  return absl::StrCat(source != nullptr ? source : ".", "/deploy/grafana/kvcompress-dashboard.json");
+  return absl::StrCat(source != nullptr ? source : ".",
+                      "/deploy/grafana/kvcompress-dashboard.json");
 }
 
 absl::StatusOr<nlohmann::json> LoadDashboard(const std::string& path) {

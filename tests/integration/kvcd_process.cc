@@ -213,8 +213,8 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   if (body == std::string::npos) return absl::InternalError("malformed HTTP response");
   const std::string status_line = response.substr(0, response.find("\r\n"));
   if (status_line.rfind("HTTP/1.", 0) != 0 || status_line.find(" 200 ") == std::string::npos) {
-    return absl::InternalError(absl::StrCat("GET ", path, ": ", status_line, ": ",
-                                            response.substr(body + 4, 2000)));
+    return absl::InternalError(
+        absl::StrCat("GET ", path, ": ", status_line, ": ", response.substr(body + 4, 2000)));
   }
   return response.substr(body + 4);
 }

@@ -74,7 +74,8 @@ bool ParseValue(absl::string_view text, double& value) {
 }
 
 // The family a sample name belongs to: itself, or a histogram's base name.
-std::string FamilyOf(const std::string& sample, const std::map<std::string, ExposedFamily>& families) {
+std::string FamilyOf(const std::string& sample,
+                     const std::map<std::string, ExposedFamily>& families) {
   if (families.count(sample) > 0) return sample;
   for (const char* suffix : {"_bucket", "_sum", "_count"}) {
     const absl::string_view view(sample);
@@ -137,7 +138,8 @@ absl::StatusOr<std::map<std::string, ExposedFamily>> ParseExposition(const std::
     family.samples.push_back(std::move(sample));
   }
   for (const auto& [name, family] : families) {
-    if (family.type.empty()) return absl::InvalidArgumentError(absl::StrCat(name, ": HELP without TYPE"));
+    if (family.type.empty())
+      return absl::InvalidArgumentError(absl::StrCat(name, ": HELP without TYPE"));
   }
   return families;
 }

@@ -5,6 +5,8 @@
 //
 // promtool comes with the Debian package prometheus (scripts/install_deps.sh installs it);
 // without it these tests fail rather than skip.
+#include "tests/integration/metrics_exposition.h"
+
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -14,13 +16,12 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
-#include "absl/strings/str_split.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
 #include "tests/integration/kvcd_process.h"
-#include "tests/integration/metrics_exposition.h"
 #include "tests/integration/raw_stream.h"
 
 namespace kvcompress::testing {
@@ -220,10 +221,12 @@ TEST_F(MetricsExpositionTest, CountsWhatTheCompressionsDid) {
     return it == families->end() ? kEmpty : it->second;
   };
   const ExposedFamily& requests = family("kvcompress_requests_total");
-  EXPECT_EQ(SampleValue(requests, "kvcompress_requests_total", {{"method", "snapkv"}, {"code", "OK"}}),
-            kSnapKvRequests);
-  EXPECT_EQ(SampleValue(requests, "kvcompress_requests_total", {{"method", "knorm"}, {"code", "OK"}}),
-            kKnormRequests);
+  EXPECT_EQ(
+      SampleValue(requests, "kvcompress_requests_total", {{"method", "snapkv"}, {"code", "OK"}}),
+      kSnapKvRequests);
+  EXPECT_EQ(
+      SampleValue(requests, "kvcompress_requests_total", {{"method", "knorm"}, {"code", "OK"}}),
+      kKnormRequests);
   EXPECT_EQ(SampleValue(requests, "kvcompress_requests_total",
                         {{"method", "snapkv"}, {"code", "INVALID_ARGUMENT"}}),
             1);
@@ -250,17 +253,17 @@ TEST_F(MetricsExpositionTest, CountsWhatTheCompressionsDid) {
 
   const ExposedFamily& stages = family("kvcompress_request_stage_duration_seconds");
   for (const char* stage : {"receive", "queue", "score", "select", "gather", "send"}) {
-    EXPECT_EQ(SampleValue(stages, "kvcompress_request_stage_duration_seconds_count",
-                          {{"stage", stage}}),
-              kOk)
+    EXPECT_EQ(
+        SampleValue(stages, "kvcompress_request_stage_duration_seconds_count", {{"stage", stage}}),
+        kOk)
         << stage;
   }
-  EXPECT_EQ(SampleValue(family("kvcompress_compression_ratio"),
-                        "kvcompress_compression_ratio_count", {}),
-            kOk);
-  EXPECT_EQ(SampleValue(family("kvcompress_compression_ratio"), "kvcompress_compression_ratio_sum",
-                        {}),
-            kOk * 0.5);
+  EXPECT_EQ(
+      SampleValue(family("kvcompress_compression_ratio"), "kvcompress_compression_ratio_count", {}),
+      kOk);
+  EXPECT_EQ(
+      SampleValue(family("kvcompress_compression_ratio"), "kvcompress_compression_ratio_sum", {}),
+      kOk * 0.5);
   // Attention mass: per layer, attention scorers only (snapkv here, not knorm).
   EXPECT_EQ(SampleValue(family("kvcompress_attention_mass_kept_ratio"),
                         "kvcompress_attention_mass_kept_ratio_count", {}),
@@ -268,8 +271,8 @@ TEST_F(MetricsExpositionTest, CountsWhatTheCompressionsDid) {
   EXPECT_EQ(SampleValue(family("kvcompress_request_duration_seconds"),
                         "kvcompress_request_duration_seconds_count", {{"method", "snapkv"}}),
             kSnapKvRequests + 1);
-  EXPECT_EQ(SampleValue(family("kvcompress_requests_in_flight"), "kvcompress_requests_in_flight", {}),
-            0);
+  EXPECT_EQ(
+      SampleValue(family("kvcompress_requests_in_flight"), "kvcompress_requests_in_flight", {}), 0);
 }
 
 }  // namespace

@@ -18,8 +18,8 @@
 #include <utility>
 #include <vector>
 
-#include "gmock/gmock.h"
 #include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
@@ -70,7 +70,7 @@ class LoadDriver final {
       if (i % 5 == 4) {
         const StreamOutcome outcome = RunStream(*stub, {HeaderRequest(bad)});
         (outcome.status.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? refused_
-                                                                            : unexpected_)++;
+                                                                           : unexpected_)++;
       } else {
         const StreamOutcome outcome = RunStream(*stub, requests[i % 2]);
         (outcome.status.ok() && outcome.has_summary() ? ok_ : unexpected_)++;
@@ -187,8 +187,8 @@ TEST(PrometheusScrapeTest, PrometheusScrapesKvcdAndAnswersTheDashboardsQueries) 
   const std::vector<DashboardQuery> queries = DashboardQueries(*dashboard);
   ASSERT_FALSE(queries.empty());
   for (const DashboardQuery& query : queries) {
-    SCOPED_TRACE(absl::StrCat("panel \"", query.panel, "\" target ", query.ref_id, ": ",
-                              query.expr));
+    SCOPED_TRACE(
+        absl::StrCat("panel \"", query.panel, "\" target ", query.ref_id, ": ", query.expr));
     auto answer = server.Query(ExpandGrafanaVariables(query.expr, "20s"));
     ASSERT_TRUE(answer.ok()) << answer.status();
     bool gpu_only = true;

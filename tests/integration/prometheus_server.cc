@@ -106,10 +106,10 @@ absl::StatusOr<std::unique_ptr<PrometheusServer>> PrometheusServer::Start(int me
       if (HttpGet(server->port_, "/-/ready").ok()) return server;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    last_error = absl::InternalError(
-        absl::StrCat(server->Alive() ? "prometheus was not ready within 60 s"
-                                     : "prometheus exited during start-up",
-                     "; its log ends:\n", server->LogTail()));
+    last_error =
+        absl::InternalError(absl::StrCat(server->Alive() ? "prometheus was not ready within 60 s"
+                                                         : "prometheus exited during start-up",
+                                         "; its log ends:\n", server->LogTail()));
     if (server->Alive()) break;  // hung, not a lost port race: do not try again
   }
   return last_error;

@@ -25,7 +25,7 @@ class PrometheusServer final {
   // FAILED_PRECONDITION when no `prometheus` binary is installed; INTERNAL with its log when
   // it exits or never becomes ready.
   static absl::StatusOr<std::unique_ptr<PrometheusServer>> Start(int metrics_port,
-                                                                  const std::string& job);
+                                                                 const std::string& job);
   ~PrometheusServer();
   PrometheusServer(const PrometheusServer&) = delete;
   PrometheusServer& operator=(const PrometheusServer&) = delete;

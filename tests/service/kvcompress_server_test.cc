@@ -643,11 +643,11 @@ TEST_F(KvcServerTest, MetricsEndpoint) {
               HasSubstr("kvcompress_requests_total{method=\"knorm\",code=\"INVALID_ARGUMENT\"} "
                         "1\n"));
   EXPECT_THAT(response, HasSubstr("kvcompress_tokens_in_total 400\n"));
-  EXPECT_THAT(response,
-              HasSubstr("kvcompress_bytes_received_total{transport=\"inline\"} 25600\n"));
+  EXPECT_THAT(response, HasSubstr("kvcompress_bytes_received_total{transport=\"inline\"} 25600\n"));
   EXPECT_THAT(response, HasSubstr("kvcompress_errors_total{reason=\"invalid_header\"} 2\n"));
-  EXPECT_THAT(response, HasSubstr("kvcompress_request_stage_duration_seconds_count{stage=\"score\"} "
-                                  "1\n"));
+  EXPECT_THAT(response,
+              HasSubstr("kvcompress_request_stage_duration_seconds_count{stage=\"score\"} "
+                        "1\n"));
   EXPECT_THAT(response,
               HasSubstr("kvcompress_request_duration_seconds_count{method=\"knorm\"} 2\n"));
   EXPECT_THAT(response,
