@@ -53,8 +53,12 @@ uint64_t LayerBytes(const LayerInput& input) {
 
 CompressReactor::CompressReactor(grpc::CallbackServerContext* context,
                                  const CompressEnvironment& environment, absl::Status admission,
-                                 absl::AnyInvocable<void()> on_done)
-    : context_(context), environment_(environment), on_done_(std::move(on_done)) {
+                                 absl::AnyInvocable<void()> on_done, CallIdentity identity)
+    : context_(context),
+      environment_(environment),
+      on_done_(std::move(on_done)),
+      identity_(std::move(identity)),
+      peer_(context->peer()) {
   if (environment_.metrics != nullptr) environment_.metrics->requests_in_flight.Add({}, 1);
   absl::MutexLock lock(&mu_);
   header_time_ = receive_end_ = opened_;
@@ -109,6 +113,7 @@ void CompressReactor::OnReadDone(bool ok) {
   ErrorReason reason = ErrorReason::kInternal;
   std::string transport_label;
   if (assembler_ == nullptr) {
+    if (request_.has_header()) client_request_id_ = request_.header().request_id();
     // Label metrics by scorer even when the rest of the header is rejected.
     if (request_.has_header()) {
       absl::StatusOr<MethodSpec> spec = MethodSpecFromProto(request_.header().method());
@@ -242,8 +247,8 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
     if (!results.ok()) {
       absl::Status status = results.status();
       if (status.code() == absl::StatusCode::kInternal) {
-        std::fprintf(stderr, "kvcd: request %s: %s\n", header_->request_id.c_str(),
-                     std::string(status.message()).c_str());
+        // DESIGN §7: the client gets the request id with an internal error, so that the
+        // operator can find the stream's "compress" log line, which carries this message.
         status = absl::InternalError(
             absl::StrCat("request ", header_->request_id, ": ", status.message()));
       }
@@ -290,8 +295,14 @@ void CompressReactor::OnCancel() {
 }
 
 void CompressReactor::OnDone() {
-  // The thread that called Finish may still be releasing mu_; wait for it.
-  { absl::MutexLock lock(&mu_); }
+  // The thread that called Finish may still be releasing mu_; wait for it. Then nothing
+  // changes any more: build the log line under the lock, write it outside.
+  nlohmann::json fields;
+  {
+    absl::MutexLock lock(&mu_);
+    if (environment_.log != nullptr) fields = LogFields();
+  }
+  if (environment_.log != nullptr) environment_.log->Emit("compress", fields);
   if (environment_.metrics != nullptr) environment_.metrics->requests_in_flight.Add({}, -1);
   if (on_done_) std::move(on_done_)();
   delete this;
@@ -379,6 +390,51 @@ void CompressReactor::FillSummary(v1::CompressSummary& summary) {
   timings.set_send_seconds(send_seconds_);
   timings.set_total_seconds(Seconds(now - header_time_));
   timings.set_deferred_layers(deferred_layers_);
+}
+
+nlohmann::json CompressReactor::LogFields() {
+  // Finish went out with status_ when the stream ended terminally, with OK otherwise (Fail
+  // does nothing once Finish was called).
+  const absl::Status status = terminal_ ? status_ : absl::OkStatus();
+  std::string request_id;
+  if (header_ != nullptr) {
+    request_id = header_->request_id;
+  } else if (!client_request_id_.empty()) {
+    request_id = client_request_id_;
+  } else {
+    request_id = GenerateRequestId();
+  }
+  nlohmann::json fields = {
+      {"request_id", request_id},
+      {"peer", peer_},
+      {"authenticated", identity_.authenticated},
+      {"method", method_label_},
+      {"code", absl::StatusCodeToString(status.code())},
+      {"message", std::string(status.message())},
+      {"duration_ms", std::chrono::duration<double, std::milli>(Clock::now() - opened_).count()},
+      {"tokens_in", tokens_in_},
+      {"tokens_kept", tokens_kept_},
+      {"bytes_in", bytes_in_},
+      {"bytes_out", bytes_out_},
+      {"layers_done", layers_final_},
+  };
+  if (!identity_.certificate_subject.empty()) {
+    fields["client_certificate"] = identity_.certificate_subject;
+  }
+  if (header_ != nullptr) {
+    fields["sequences"] = header_->sequences.size();
+    fields["layers"] = header_->geometry.num_layers;
+    const MethodSpec& spec = header_->spec;
+    fields["layer_budget"] = std::string(LayerBudgetName(spec.layer_budget));
+    fields["head_budget"] = std::string(HeadBudgetName(spec.head_budget));
+    fields["reducer"] = std::string(ReducerName(spec.reducer));
+    if (spec.budget.use_ratio) {
+      fields["keep_ratio"] = spec.budget.keep_ratio;
+    } else {
+      fields["keep_tokens"] = spec.budget.keep_tokens;
+    }
+  }
+  return fields;
 }
 
 void CompressReactor::RecordOutcome(const absl::Status& status) {

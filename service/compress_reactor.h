@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
+#include "service/call_authenticator.h"
 #include "service/header_validation.h"
 #include "service/internal/encoded_layer_result.h"
 #include "service/internal/service_metrics.h"
@@ -45,6 +46,7 @@
 #include "service/memory_budget.h"
 #include "service/server_limits.h"
 #include "service/stream_assembler.h"
+#include "service/structured_log.h"
 
 namespace kvcompress {
 
@@ -57,6 +59,10 @@ struct CompressEnvironment {
   ServerLimits limits;
   // Bytes one stream may hold before it stops reading (default 512 MiB).
   uint64_t stream_buffer_bytes = uint64_t{512} << 20;
+  // Who may call (kvcompress_service.cc checks every call with it); null: everybody.
+  const CallAuthenticator* authenticator = nullptr;
+  // Receives one "compress" event per finished stream; may be null.
+  StructuredLog* log = nullptr;
 };
 
 class CompressReactor final
@@ -64,8 +70,15 @@ class CompressReactor final
  public:
   // `admission` not OK refuses the stream at once with that status (concurrency limit,
   // draining). `on_done` runs in OnDone, just before the reactor deletes itself.
+  // `identity` is what CallAuthenticator established about the caller.
   CompressReactor(grpc::CallbackServerContext* context, const CompressEnvironment& environment,
-                  absl::Status admission, absl::AnyInvocable<void()> on_done);
+                  absl::Status admission, absl::AnyInvocable<void()> on_done,
+                  CallIdentity identity = {});
+
+  // Whether the caller proved who it is (bearer token or verified client certificate).
+  // Transports that give a peer access to device memory (CUDA IPC, NCCL channels) must
+  // refuse streams for which this is false; inline streams do not need it.
+  bool peer_authenticated() const { return identity_.authenticated; }
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -91,10 +104,18 @@ class CompressReactor final
   void FillSummary(v1::CompressSummary& summary) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RecordOutcome(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // The "compress" log event of the finished stream (OnDone).
+  nlohmann::json LogFields() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   grpc::CallbackServerContext* const context_;
   const CompressEnvironment environment_;
   absl::AnyInvocable<void()> on_done_;
   const Clock::time_point opened_ = Clock::now();
+  const CallIdentity identity_;
+  const std::string peer_;  // "ipv4:10.0.0.7:51234", for logs
+  // The header's request_id as the client sent it, even when the header was rejected (read
+  // path only; OnDone reads it after the last read completed).
+  std::string client_request_id_;
 
   // Owned by the read path: one read is in flight at a time and its callback alone touches
   // request_ and assembler_.

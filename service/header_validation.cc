@@ -15,12 +15,6 @@
 namespace kvcompress {
 namespace {
 
-std::string GenerateRequestId() {
-  static const uint32_t process_tag = std::random_device{}();
-  static std::atomic<uint64_t> counter{0};
-  return absl::StrFormat("kvcd-%08x-%d", process_tag, counter.fetch_add(1) + 1);
-}
-
 absl::Status ValidateSequences(const v1::CompressHeader& header, const CacheGeometry& geometry,
                                std::vector<SequenceShape>& sequences) {
   if (header.sequences_size() == 0) {
@@ -100,6 +94,12 @@ absl::Status CheckLimits(const CacheGeometry& geometry, const std::vector<Sequen
 
 }  // namespace
 
+std::string GenerateRequestId() {
+  static const uint32_t process_tag = std::random_device{}();
+  static std::atomic<uint64_t> counter{0};
+  return absl::StrFormat("kvcd-%08x-%d", process_tag, counter.fetch_add(1) + 1);
+}
+
 uint64_t RequestTensorBytes(const CacheGeometry& geometry,
                             const std::vector<SequenceShape>& sequences) {
   using u128 = unsigned __int128;
@@ -128,6 +128,11 @@ absl::StatusOr<ValidatedHeader> ValidateHeader(const v1::CompressRequest& reques
   }
   const v1::CompressHeader& header = request.header();
   ValidatedHeader result;
+  if (header.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id: ", header.request_id().size(), " bytes; expected at most ",
+                     kMaxRequestIdBytes, " (it is echoed in summaries, errors and logs)"));
+  }
   result.request_id = header.request_id().empty() ? GenerateRequestId() : header.request_id();
   KVC_ASSIGN_OR_RETURN(result.geometry, GeometryFromProto(header.geometry()));
   KVC_RETURN_IF_ERROR(ValidateSequences(header, result.geometry, result.sequences));

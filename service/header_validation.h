@@ -46,6 +46,12 @@ struct ValidatedHeader {
 absl::StatusOr<ValidatedHeader> ValidateHeader(const v1::CompressRequest& request,
                                                const ServerLimits& limits, Backend* backend);
 
+// A fresh request id, "kvcd-<process tag>-<counter>", for requests that name none.
+std::string GenerateRequestId();
+
+// The longest request_id a header may carry: it is echoed in summaries, errors and logs.
+inline constexpr size_t kMaxRequestIdBytes = 256;
+
 // Tensor bytes one stream carries for `sequences` (keys, values, queries and scores of every
 // layer), saturating at UINT64_MAX instead of overflowing.
 uint64_t RequestTensorBytes(const CacheGeometry& geometry,

@@ -88,6 +88,13 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
   environment.metrics = server->service_metrics_.get();
   environment.limits = options.limits;
   environment.stream_buffer_bytes = options.stream_buffer_bytes;
+  server->log_ = options.log != nullptr ? options.log : std::make_shared<StructuredLog>(stderr);
+  server->authenticator_ = std::make_unique<CallAuthenticator>(
+      std::move(options.auth_token), options.security.client_certificates_verified);
+  server->tls_ = options.security.tls;
+  server->client_certificates_verified_ = options.security.client_certificates_verified;
+  environment.authenticator = server->authenticator_.get();
+  environment.log = server->log_.get();
   server->service_ = std::make_unique<KvCompressService>(
       environment, BuildServerInfo(KVC_VERSION, std::string(server->backend_->name()),
                                    options.limits, scheduler->num_threads()));
@@ -95,7 +102,11 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(options.address,
+                           options.security.credentials != nullptr
+                               ? options.security.credentials
+                               : grpc::InsecureServerCredentials(),
+                           &server->port_);
   builder.RegisterService(server->service_.get());
   builder.SetMaxReceiveMessageSize(kMaxReceiveMessageBytes);
   // A second kvcd on a busy port must fail, not silently share it.
@@ -131,6 +142,13 @@ void KvcServer::Shutdown(std::chrono::milliseconds deadline) {
     if (shut_down_) return;
     shut_down_ = true;
   }
+  const auto drain_start = std::chrono::steady_clock::now();
+  // A server that never started (Start failed) has nothing to drain.
+  if (log_ != nullptr && server_ != nullptr) {
+    log_->Emit("drain_start", {{"open_streams", service_ != nullptr ? service_->open_streams() : 0},
+                               {"deadline_ms", deadline.count()}});
+  }
+  uint32_t cancelled_streams = 0;
   if (server_ != nullptr) {
     if (grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService()) {
       health->Shutdown();  // NOT_SERVING for every service from now on
@@ -146,11 +164,18 @@ void KvcServer::Shutdown(std::chrono::milliseconds deadline) {
     while (service_->open_streams() > 0 && std::chrono::steady_clock::now() < give_up) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    cancelled_streams = service_->open_streams();
     server_->Shutdown(std::chrono::system_clock::now());
     server_->Wait();
   }
   if (scheduler_ != nullptr) scheduler_->Shutdown();
   metrics_http_.reset();
+  if (log_ != nullptr && server_ != nullptr) {
+    log_->Emit("drain_end", {{"duration_ms", std::chrono::duration<double, std::milli>(
+                                                 std::chrono::steady_clock::now() - drain_start)
+                                                 .count()},
+                             {"streams_cancelled", cancelled_streams}});
+  }
 }
 
 KvcServer::~KvcServer() { Shutdown(std::chrono::milliseconds(0)); }

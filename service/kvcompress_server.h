@@ -21,12 +21,15 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
+#include "service/call_authenticator.h"
 #include "service/kvcompress_service.h"
 #include "service/layer_scheduler.h"
 #include "service/memory_budget.h"
 #include "service/metrics_http_server.h"
 #include "service/metrics_registry.h"
+#include "service/server_credentials.h"
 #include "service/server_limits.h"
+#include "service/structured_log.h"
 
 namespace kvcompress {
 
@@ -40,6 +43,13 @@ struct ServerOptions {
   ServerLimits limits;
   uint64_t max_buffered_bytes = 0;  // server-wide request buffer budget; 0: half of RAM
   uint64_t stream_buffer_bytes = uint64_t{512} << 20;  // per stream, before reads pause
+  // The gRPC listener's credentials (MakeServerSecurity); default: plaintext. /metrics is
+  // plain HTTP whatever this says.
+  ServerSecurity security;
+  // The bearer token every KvCompress call must carry; empty: none (call_authenticator.h).
+  std::string auth_token;
+  // Where events go (streams, auth failures, drain); null: a log writing to stderr.
+  std::shared_ptr<StructuredLog> log;
   // The backend to run; null: the CPU backend with backend_threads.
   std::unique_ptr<Backend> backend;
 };
@@ -55,6 +65,9 @@ class KvcServer final {
   int port() const { return port_; }
   // 0 when metrics are disabled.
   int metrics_port() const { return metrics_port_; }
+  bool tls() const { return tls_; }
+  bool client_certificates_verified() const { return client_certificates_verified_; }
+  bool auth_token_required() const { return authenticator_->token_required(); }
   const MetricsRegistry& metrics() const { return registry_; }
   int worker_threads() const { return scheduler_->num_threads(); }
   std::string backend_name() const { return std::string(backend_->name()); }
@@ -70,11 +83,15 @@ class KvcServer final {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<MemoryBudget> memory_;
   std::unique_ptr<LayerScheduler> scheduler_;
+  std::shared_ptr<StructuredLog> log_;
+  std::unique_ptr<CallAuthenticator> authenticator_;
   std::unique_ptr<KvCompressService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;
   int metrics_port_ = 0;
+  bool tls_ = false;
+  bool client_certificates_verified_ = false;
 
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;

@@ -4,6 +4,12 @@
 // CompressReactor per stream; a stream beyond max_concurrent_streams, or any stream once
 // draining has started, is refused at once (RESOURCE_EXHAUSTED / UNAVAILABLE).
 //
+// Authentication: when the environment has a CallAuthenticator, both handlers check the call
+// first (call_authenticator.h says why here and not in an AuthMetadataProcessor); a call
+// that fails gets UNAUTHENTICATED before any request byte is read, and an "auth_failure"
+// event is logged with the peer and the reason (never the token). The grpc.health.v1 and
+// reflection services of the same server are not checked: Kubernetes probes carry no token.
+//
 // Thread safety: gRPC calls the handlers concurrently; the service's own state is atomic.
 // The environment's objects must outlive the service, and the service must outlive every
 // reactor it created (grpc::Server::Shutdown waits for them).

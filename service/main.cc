@@ -4,7 +4,10 @@
 //
 // Listens until SIGINT or SIGTERM, then drains (--shutdown_deadline) and exits 0.
 // With --port_file (and --metrics_port_file) the bound ports are written once listening,
-// which is how tests using port 0 find them.
+// which is how tests using port 0 find them. Every flag may also come from the environment
+// (KVCD_<FLAG>, flags_from_env.h); the command line wins. Events go to stderr as JSON lines
+// (structured_log.h); a start-up failure is a "start_failed" line and exit status 1.
+#include <grpc/support/log.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -12,16 +15,25 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "absl/flags/commandlineflag.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "service/call_authenticator.h"
+#include "service/flags_from_env.h"
 #include "service/kvcompress_server.h"
+#include "service/server_credentials.h"
+#include "service/structured_log.h"
 
 namespace {
 const kvcompress::ServerLimits kDefaultLimits;
@@ -51,6 +63,15 @@ ABSL_FLAG(std::string, metrics_port_file, "",
           "write the bound metrics port to this file once listening");
 ABSL_FLAG(absl::Duration, shutdown_deadline, absl::Seconds(5),
           "on SIGINT/SIGTERM, how long open streams may finish before they are cancelled");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the gRPC listener (server certificate first); with "
+          "--tls_key turns TLS on. /metrics stays plain HTTP");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert (unencrypted)");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "file holding a bearer token every KvCompress call must carry as "
+          "\"authorization: Bearer <token>\" (health and reflection stay open)");
 
 namespace {
 
@@ -67,8 +88,54 @@ bool WritePortFile(const std::string& path, int port) {
 
 }  // namespace
 
+namespace {
+
+constexpr char kEnvironmentPrefix[] = "KVCD_";
+
+// kvcd's own flags (not absl's --flagfile, --help, ...) may come from the environment.
+bool IsKvcdFlag(const absl::CommandLineFlag& flag) {
+  return kvcompress::FlagDefinedIn(flag, "service/main.cc");
+}
+
+// gRPC's own diagnostics (TLS handshake failures, ...) become "grpc" events, so that
+// stderr stays one JSON object per line.
+kvcompress::StructuredLog* grpc_log_target = nullptr;
+void ForwardGrpcLog(gpr_log_func_args* args) {
+  grpc_log_target->Emit("grpc", {{"severity", gpr_log_severity_string(args->severity)},
+                                 {"file", args->file != nullptr ? args->file : ""},
+                                 {"line", args->line},
+                                 {"message", args->message != nullptr ? args->message : ""}});
+}
+
+int StartFailed(kvcompress::StructuredLog& log, const absl::Status& status) {
+  log.Emit("start_failed", {{"code", absl::StatusCodeToString(status.code())},
+                            {"error", std::string(status.message())}});
+  return 1;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kvcd: the kvcompress KV-cache compression server");
+  absl::SetProgramUsageMessage(absl::StrCat("the kvcompress KV-cache compression server\n\n",
+                                            kvcompress::EnvironmentUsage(kEnvironmentPrefix)));
+  // absl's --help lists the flags of the file named like the program (kvcd.cc); ours live in
+  // main.cc.
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view file) {
+    return absl::EndsWith(file, "service/main.cc");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  usage_config.version_string = [] { return std::string("kvcd " KVC_VERSION "\n"); };
+  absl::SetFlagsUsageConfig(usage_config);
+  // Never destroyed: gRPC threads may still log while the process exits.
+  static kvcompress::StructuredLog* const process_log = new kvcompress::StructuredLog(stderr);
+  std::shared_ptr<kvcompress::StructuredLog> log(process_log, [](kvcompress::StructuredLog*) {});
+  grpc_log_target = process_log;
+  gpr_set_log_function(ForwardGrpcLog);
+  // Before the command line, so that a flag given there overrides its variable.
+  absl::StatusOr<std::vector<std::string>> from_environment =
+      kvcompress::ApplyFlagsFromEnvironment(kEnvironmentPrefix, IsKvcdFlag);
+  if (!from_environment.ok()) return StartFailed(*log, from_environment.status());
   absl::ParseCommandLine(argc, argv);
 
   // Signals are taken synchronously by sigwait below; block them before any thread starts so
@@ -91,52 +158,68 @@ int main(int argc, char** argv) {
   options.limits.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);
   options.stream_buffer_bytes = absl::GetFlag(FLAGS_stream_buffer_bytes);
+  options.log = log;
+  absl::StatusOr<kvcompress::ServerSecurity> security =
+      kvcompress::MakeServerSecurity({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                                      absl::GetFlag(FLAGS_tls_client_ca)});
+  if (!security.ok()) return StartFailed(*log, security.status());
+  options.security = *std::move(security);
+  if (const std::string token_file = absl::GetFlag(FLAGS_auth_token_file); !token_file.empty()) {
+    absl::StatusOr<std::string> token = kvcompress::ReadAuthTokenFile(token_file);
+    if (!token.ok()) return StartFailed(*log, token.status());
+    options.auth_token = *std::move(token);
+  }
 
   absl::StatusOr<std::unique_ptr<kvcompress::KvcServer>> server =
       kvcompress::KvcServer::Start(std::move(options));
-  if (!server.ok()) {
-    std::fprintf(stderr, "kvcd: %s\n", server.status().ToString().c_str());
-    return 1;
-  }
+  if (!server.ok()) return StartFailed(*log, server.status());
   kvcompress::KvcServer& kvcd = **server;
 
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (!port_file.empty() && !WritePortFile(port_file, kvcd.port())) {
-    std::fprintf(stderr, "kvcd: cannot write --port_file %s\n", port_file.c_str());
-    return 1;
+    return StartFailed(*log,
+                       absl::InternalError(absl::StrCat("cannot write --port_file ", port_file)));
   }
   const std::string metrics_port_file = absl::GetFlag(FLAGS_metrics_port_file);
   if (!metrics_port_file.empty() && kvcd.metrics_port() > 0 &&
       !WritePortFile(metrics_port_file, kvcd.metrics_port())) {
-    std::fprintf(stderr, "kvcd: cannot write --metrics_port_file %s\n", metrics_port_file.c_str());
-    return 1;
+    return StartFailed(*log, absl::InternalError(absl::StrCat("cannot write --metrics_port_file ",
+                                                              metrics_port_file)));
   }
 
   const std::string address = absl::GetFlag(FLAGS_address);
   const std::string host = address.substr(0, address.rfind(':'));
   const std::string metrics_address = absl::GetFlag(FLAGS_metrics_address);
-  std::fprintf(stderr,
-               "kvcd %s listening on %s:%d (gRPC), metrics %s, backend %s, %d worker threads\n",
-               KVC_VERSION, host.c_str(), kvcd.port(),
-               metrics_address.empty()
-                   ? "disabled"
-                   : absl::StrCat("http://", metrics_address.substr(0, metrics_address.rfind(':')),
-                                  ":", kvcd.metrics_port(), "/metrics")
-                         .c_str(),
-               kvcd.backend_name().c_str(), kvcd.worker_threads());
-  std::fflush(stderr);
+  log->Emit("start",
+            {{"version", KVC_VERSION},
+             {"pid", getpid()},
+             {"address", absl::StrCat(host, ":", kvcd.port())},
+             {"metrics",
+              metrics_address.empty()
+                  ? "disabled"
+                  : absl::StrCat("http://", metrics_address.substr(0, metrics_address.rfind(':')),
+                                 ":", kvcd.metrics_port(), "/metrics")},
+             {"backend", kvcd.backend_name()},
+             {"worker_threads", kvcd.worker_threads()},
+             {"limits",
+              {{"max_request_bytes", absl::GetFlag(FLAGS_max_request_bytes)},
+               {"max_tokens", absl::GetFlag(FLAGS_max_tokens)},
+               {"max_layers", absl::GetFlag(FLAGS_max_layers)},
+               {"max_sequences", absl::GetFlag(FLAGS_max_sequences)},
+               {"max_concurrent_streams", absl::GetFlag(FLAGS_max_concurrent_streams)},
+               {"max_buffered_bytes", absl::GetFlag(FLAGS_max_buffered_bytes)},
+               {"stream_buffer_bytes", absl::GetFlag(FLAGS_stream_buffer_bytes)}}},
+             {"tls", kvcd.tls()},
+             {"mtls", kvcd.client_certificates_verified()},
+             {"auth_token", kvcd.auth_token_required()},
+             {"flags_from_environment", *from_environment}});
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  std::fprintf(stderr, "kvcd: %s received, draining\n",
-               signal_number == SIGINT ? "SIGINT" : "SIGTERM");
-  std::fflush(stderr);
-  const auto drain_start = std::chrono::steady_clock::now();
+  log->Emit("signal", {{"signal", signal_number == SIGINT ? "SIGINT" : "SIGTERM"}});
   kvcd.Shutdown(
       std::chrono::milliseconds(absl::ToInt64Milliseconds(absl::GetFlag(FLAGS_shutdown_deadline))));
   server->reset();
-  std::fprintf(
-      stderr, "kvcd: stopped after %.3f s\n",
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - drain_start).count());
+  log->Emit("stop", {{"exit_code", 0}});
   return 0;
 }
