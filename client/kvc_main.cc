@@ -750,9 +750,12 @@ void PrintLoadReport(const LoadReport& report, const LoadWorkload& workload) {
                 100.0 * static_cast<double>(report.tokens_kept) / tokens_in,
                 Bytes(report.bytes_out / report.requests_ok).c_str());
   }
-  for (const auto& [code, failure] : report.failures) {
-    std::printf("failure     %s x%lld, first: %s\n", absl::StatusCodeToString(code).c_str(),
-                static_cast<long long>(failure.count), failure.first_message.c_str());
+  for (const bool warmup : {false, true}) {
+    for (const auto& [code, failure] : warmup ? report.warmup_failures : report.failures) {
+      std::printf("failure     %s x%lld%s, first: %s\n", absl::StatusCodeToString(code).c_str(),
+                  static_cast<long long>(failure.count), warmup ? " (warmup)" : "",
+                  failure.first_message.c_str());
+    }
   }
 }
 
@@ -840,15 +843,23 @@ std::optional<CommandError> RunBench(const ParsedFlags& flags) {
   if (failed > 0) {
     absl::StatusCode code = absl::StatusCode::kUnknown;
     int64_t most = 0;
-    for (const auto& [failure_code, failure] : report->failures) {
-      if (failure.count > most) {
-        code = failure_code;
-        most = failure.count;
+    for (const bool warmup : {false, true}) {
+      for (const auto& [failure_code, failure] :
+           warmup ? report->warmup_failures : report->failures) {
+        if (failure.count > most) {
+          code = failure_code;
+          most = failure.count;
+        }
       }
     }
     return CommandError{absl::Status(
         code, absl::StrCat(failed, " of ", failed + report->requests_ok + report->warmup_ok,
                            " requests failed (warmup included)"))};
+  }
+  if (report->requests_ok == 0) {
+    return CommandError{absl::FailedPreconditionError(
+        "no request started in the measured window: the warmup requests outlasted it; "
+        "give a longer --duration or --warmup, or use --requests")};
   }
   return std::nullopt;
 }

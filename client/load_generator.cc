@@ -17,6 +17,7 @@ namespace {
 struct WorkerTally {
   std::vector<absl::Duration> latencies;
   std::map<absl::StatusCode, FailureTally> failures;
+  std::map<absl::StatusCode, FailureTally> warmup_failures;
   int64_t ok = 0;
   int64_t failed = 0;
   int64_t warmup_ok = 0;
@@ -78,6 +79,20 @@ absl::Status CheckOptions(const LoadWorkload& workload, const LoadOptions& optio
                                                    workload.header.geometry().num_layers()));
   }
   return absl::OkStatus();
+}
+
+void Count(std::map<absl::StatusCode, FailureTally>& failures, const absl::Status& status) {
+  FailureTally& failure = failures[status.code()];
+  if (failure.count++ == 0) failure.first_message = std::string(status.message());
+}
+
+void Merge(const std::map<absl::StatusCode, FailureTally>& from,
+           std::map<absl::StatusCode, FailureTally>& into) {
+  for (const auto& [code, failure] : from) {
+    FailureTally& total = into[code];
+    if (total.count == 0) total.first_message = failure.first_message;
+    total.count += failure.count;
+  }
 }
 
 double Milliseconds(absl::Duration duration) { return absl::ToDoubleMilliseconds(duration); }
@@ -151,21 +166,18 @@ absl::StatusOr<LoadReport> RunLoad(Client& client, const LoadWorkload& workload,
         }
         absl::StatusOr<v1::CompressSummary> summary = SendOnce(client, workload, options.deadline);
         const absl::Time end = absl::Now();
-        if (!measured) {
-          ++(summary.ok() ? tally.warmup_ok : tally.warmup_failed);
-          continue;
-        }
-        tally.last_completion = std::max(tally.last_completion, end);
-        if (summary.ok()) {
+        if (!summary.ok()) {
+          ++(measured ? tally.failed : tally.warmup_failed);
+          Count(measured ? tally.failures : tally.warmup_failures, summary.status());
+        } else if (!measured) {
+          ++tally.warmup_ok;
+        } else {
           ++tally.ok;
           tally.latencies.push_back(end - begin);
           tally.tokens_kept += summary->tokens_kept();
           tally.bytes_out += summary->bytes_out();
-        } else {
-          ++tally.failed;
-          FailureTally& failure = tally.failures[summary.status().code()];
-          if (failure.count++ == 0) failure.first_message = std::string(summary.status().message());
         }
+        if (measured) tally.last_completion = std::max(tally.last_completion, end);
       }
     });
   }
@@ -186,11 +198,8 @@ absl::StatusOr<LoadReport> RunLoad(Client& client, const LoadWorkload& workload,
     report.warmup_failed += tally.warmup_failed;
     report.tokens_kept += tally.tokens_kept;
     report.bytes_out += tally.bytes_out;
-    for (auto& [code, failure] : tally.failures) {
-      FailureTally& total = report.failures[code];
-      if (total.count == 0) total.first_message = failure.first_message;
-      total.count += failure.count;
-    }
+    Merge(tally.failures, report.failures);
+    Merge(tally.warmup_failures, report.warmup_failures);
     latencies.insert(latencies.end(), tally.latencies.begin(), tally.latencies.end());
     last_completion = std::max(last_completion, tally.last_completion);
   }
@@ -206,12 +215,17 @@ std::string LoadReportToJson(const LoadReport& report, const LoadWorkload& workl
   const v1::CacheGeometry& g = workload.header.geometry();
   const v1::SequenceShape& shape = workload.header.sequences(0);
   Json failed_by_code = Json::object();
+  Json warmup_failed_by_code = Json::object();
   Json errors = Json::array();
-  for (const auto& [code, failure] : report.failures) {
-    const std::string name = absl::StatusCodeToString(code);
-    failed_by_code[name] = failure.count;
-    errors.push_back(
-        {{"code", name}, {"count", failure.count}, {"message", failure.first_message}});
+  for (const bool warmup : {false, true}) {
+    for (const auto& [code, failure] : warmup ? report.warmup_failures : report.failures) {
+      const std::string name = absl::StatusCodeToString(code);
+      (warmup ? warmup_failed_by_code : failed_by_code)[name] = failure.count;
+      errors.push_back({{"code", name},
+                        {"count", failure.count},
+                        {"warmup", warmup},
+                        {"message", failure.first_message}});
+    }
   }
   Json method = Json::parse(MethodSpecToJson(workload.header.method()), nullptr, false);
   const LatencySummary& latency = report.latency;
@@ -225,7 +239,8 @@ std::string LoadReportToJson(const LoadReport& report, const LoadWorkload& workl
         {"failed", report.requests_failed},
         {"failed_by_code", failed_by_code},
         {"warmup_ok", report.warmup_ok},
-        {"warmup_failed", report.warmup_failed}}},
+        {"warmup_failed", report.warmup_failed},
+        {"warmup_failed_by_code", warmup_failed_by_code}}},
       {"throughput",
        {{"requests_per_second", report.requests_per_second()},
         {"input_tokens_per_second", report.input_tokens_per_second()},

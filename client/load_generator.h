@@ -10,8 +10,10 @@
 // after it are measured, until `duration` has passed (or `requests` were started). Requests
 // in flight at the end finish and count. The measured time runs from the end of the warmup
 // to the last measured completion, so throughput = measured requests / measured time.
-// Latency is StartCompress → Finish of a successful request; failures are tallied by
-// status code, with the first message seen for each code.
+// Latency is StartCompress → Finish of a successful request; failures (warmup ones apart)
+// are tallied by status code, with the first message seen for each code. Requests longer
+// than the measured window can leave it empty: every worker was still busy with a warmup
+// request when it closed.
 //
 // RunLoad blocks until the run is over. Thread-safe with respect to the Client (which
 // supports concurrent sessions); the workload must outlive the call.
@@ -70,8 +72,10 @@ struct LoadReport {
   int64_t requests_ok = 0;                            // measured
   int64_t requests_failed = 0;                        // measured
   std::map<absl::StatusCode, FailureTally> failures;  // measured failures by code
-  int64_t warmup_ok = 0;                              // not in the figures above
+  // Requests started during the warmup; in no other figure.
+  int64_t warmup_ok = 0;
   int64_t warmup_failed = 0;
+  std::map<absl::StatusCode, FailureTally> warmup_failures;
   absl::Duration measured;  // end of warmup → last measured completion
 
   // Per request, from the workload: sequence tokens T and tensor bytes sent (K, V, Q, S).

@@ -121,6 +121,31 @@ TEST(LoadGeneratorTest, UnreachableServerFailuresAreCountedByCode) {
   EXPECT_EQ(json["server"], target);
 }
 
+TEST(LoadGeneratorTest, WarmupFailuresAreTalliedApart) {
+  absl::StatusOr<std::unique_ptr<SyntheticWorkload>> w =
+      MakeSyntheticWorkload(SmallCache(), Knorm(), v1::OutputSpec());
+  ASSERT_TRUE(w.ok());
+  const std::string target = "127.0.0.1:" + std::to_string(ClosedPort());
+  absl::StatusOr<std::unique_ptr<Client>> client = Client::Connect(target);
+  ASSERT_TRUE(client.ok());
+  const LoadOptions options{.requests = 2, .warmup = absl::Milliseconds(50)};
+  absl::StatusOr<LoadReport> report = RunLoad(**client, (*w)->workload, options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->requests_failed, 2);
+  EXPECT_EQ(report->failures.at(absl::StatusCode::kUnavailable).count, 2);
+  EXPECT_GT(report->warmup_failed, 0);
+  EXPECT_EQ(report->warmup_ok, 0);
+  ASSERT_EQ(report->warmup_failures.size(), 1u);
+  EXPECT_EQ(report->warmup_failures.at(absl::StatusCode::kUnavailable).count,
+            report->warmup_failed);
+
+  const nlohmann::json json =
+      nlohmann::json::parse(LoadReportToJson(*report, (*w)->workload, options, target));
+  EXPECT_EQ(json["requests"]["warmup_failed_by_code"]["UNAVAILABLE"], report->warmup_failed);
+  EXPECT_EQ(json["errors"].size(), 2u);
+  EXPECT_EQ(json["errors"][1]["warmup"], true);
+}
+
 TEST(LoadGeneratorTest, RatesFollowTheMeasuredWindow) {
   LoadReport report;
   report.requests_ok = 50;
