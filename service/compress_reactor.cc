@@ -106,12 +106,12 @@ void CompressReactor::OnReadDone(bool ok) {
   // The read path owns request_ and assembler_; only the lock-free part of the work (header
   // validation, copying chunk bytes) happens here.
   absl::Status status;
+  ErrorReason reason = ErrorReason::kInternal;
+  std::string transport_label;
   std::unique_ptr<ValidatedHeader> new_header;
   std::optional<AssembledLayer> completed;
   uint64_t chunk_bytes = 0;
   std::string method_label;
-  ErrorReason reason = ErrorReason::kInternal;
-  std::string transport_label;
   if (assembler_ == nullptr) {
     if (request_.has_header()) client_request_id_ = request_.header().request_id();
     // Label metrics by scorer even when the rest of the header is rejected.
@@ -122,29 +122,29 @@ void CompressReactor::OnReadDone(bool ok) {
     absl::StatusOr<ValidatedHeader> validated =
         ValidateHeader(request_, environment_.limits, environment_.backend);
     if (validated.ok()) {
+      transport_label = TransportLabel(request_.header().transport());
       new_header = std::make_unique<ValidatedHeader>(std::move(validated).value());
       assembler_ = std::make_unique<StreamAssembler>(new_header->geometry, new_header->sequences,
                                                      environment_.memory);
     } else {
       status = validated.status();
-      transport_label = TransportLabel(request_.header().transport());
+      reason = HeaderErrorReason(request_, status);
     }
   } else {
     if (request_.has_chunk()) chunk_bytes = request_.chunk().data().size();
     absl::StatusOr<std::optional<AssembledLayer>> added = assembler_->AddRequest(request_);
     if (added.ok()) {
-      reason = HeaderErrorReason(request_, status);
       completed = std::move(added).value();
     } else {
       status = added.status();
+      reason = status.code() == absl::StatusCode::kResourceExhausted
+                   ? ErrorReason::kMemoryBudget
+                   : ErrorReason::kMalformedStream;
       chunk_bytes = 0;
     }
   }
   request_.Clear();
 
-      reason = status.code() == absl::StatusCode::kResourceExhausted
-                   ? ErrorReason::kMemoryBudget
-                   : ErrorReason::kMalformedStream;
   absl::MutexLock lock(&mu_);
   read_in_flight_ = false;
   if (!method_label.empty()) method_label_ = std::move(method_label);
@@ -158,12 +158,12 @@ void CompressReactor::OnReadDone(bool ok) {
     return;
   }
   if (new_header != nullptr) {
+    transport_label_ = std::move(transport_label);
     header_time_ = Clock::now();
     header_ = std::move(new_header);
   }
   if (chunk_bytes > 0) {
     bytes_in_ += chunk_bytes;
-    transport_label_ = std::move(transport_label);
     if (environment_.metrics != nullptr) {
       environment_.metrics->bytes_received.Add({transport_label_},
                                                static_cast<double>(chunk_bytes));
@@ -312,6 +312,7 @@ void CompressReactor::Fail(absl::Status status, ErrorReason reason) {
   if (terminal_ || finish_called_) return;
   terminal_ = true;
   status_ = std::move(status);
+  error_reason_ = reason;
   outgoing_.clear();
 }
 
@@ -324,7 +325,6 @@ bool CompressReactor::ReadsPaused() const {
 
 void CompressReactor::Continue() {
   if (finish_called_) return;
-  error_reason_ = reason;
   if (terminal_) {
     if (jobs_in_flight_ == 0 && !write_in_flight_) {
       finish_called_ = true;
@@ -450,9 +450,6 @@ void CompressReactor::RecordOutcome(const absl::Status& status) {
     metrics.compression_ratio.Observe(
         {}, static_cast<double>(tokens_kept_) / static_cast<double>(tokens_in_));
   }
-}
-
-}  // namespace kvcompress
   // The same figures as the summary's StageTimings.
   metrics.request_stage_duration.Observe({"receive"}, Seconds(receive_end_ - header_time_));
   metrics.request_stage_duration.Observe({"queue"}, queue_seconds_);
@@ -460,3 +457,6 @@ void CompressReactor::RecordOutcome(const absl::Status& status) {
   metrics.request_stage_duration.Observe({"select"}, select_seconds_);
   metrics.request_stage_duration.Observe({"gather"}, gather_seconds_);
   metrics.request_stage_duration.Observe({"send"}, send_seconds_);
+}
+
+}  // namespace kvcompress

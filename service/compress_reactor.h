@@ -130,6 +130,7 @@ class CompressReactor final
   // Ended by an error or cancellation: stop reading, skip jobs, drop results.
   bool terminal_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status status_ ABSL_GUARDED_BY(mu_);
+  ErrorReason error_reason_ ABSL_GUARDED_BY(mu_) = ErrorReason::kInternal;
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
   bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;  // half-close seen and every layer received
@@ -144,6 +145,7 @@ class CompressReactor final
 
   // Accounting for the summary and metrics.
   std::string method_label_ ABSL_GUARDED_BY(mu_) = "unknown";
+  std::string transport_label_ ABSL_GUARDED_BY(mu_) = "inline";  // from the header
   Clock::time_point header_time_ ABSL_GUARDED_BY(mu_);
   Clock::time_point receive_end_ ABSL_GUARDED_BY(mu_);
   Clock::time_point write_started_ ABSL_GUARDED_BY(mu_);
@@ -154,7 +156,6 @@ class CompressReactor final
   int64_t layers_final_ ABSL_GUARDED_BY(mu_) = 0;
   uint32_t deferred_layers_ ABSL_GUARDED_BY(mu_) = 0;
   double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
-  ErrorReason error_reason_ ABSL_GUARDED_BY(mu_) = ErrorReason::kInternal;
   double score_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double select_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double gather_seconds_ ABSL_GUARDED_BY(mu_) = 0;
@@ -164,4 +165,3 @@ class CompressReactor final
 }  // namespace kvcompress
 
 #endif  // KVCOMPRESS_SERVICE_COMPRESS_REACTOR_H_
-  std::string transport_label_ ABSL_GUARDED_BY(mu_) = "inline";  // from the header

@@ -105,19 +105,19 @@ struct ServiceMetrics {
             registry.AddGauge("kvcompress_requests_in_flight", "Compress streams open now.")) {}
 
   CounterFamily& requests;
+  CounterFamily& errors;
   CounterFamily& tokens_in;
   CounterFamily& tokens_kept;
   CounterFamily& bytes_received;
   CounterFamily& bytes_sent;
   HistogramFamily& request_duration;
-  CounterFamily& errors;
   HistogramFamily& layer_stage_duration;
+  HistogramFamily& request_stage_duration;
   HistogramFamily& compression_ratio;
   HistogramFamily& attention_mass_kept;
   GaugeFamily& requests_in_flight;
 };
 
-  HistogramFamily& request_stage_duration;
 }  // namespace kvcompress
 
 #endif  // KVCOMPRESS_SERVICE_INTERNAL_SERVICE_METRICS_H_
