@@ -386,24 +386,70 @@ class Stream:
 # ---------------------------------------------------------------------------
 # Client.
 
+def _pem(value: Union[bytes, str, None], name: str) -> Optional[bytes]:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise _invalid(f"{name}: expected PEM bytes or str, got {type(value).__name__}")
+
+
 class Client:
     """A connection to kvcd. `target` is a gRPC target ("host:port", "dns:///svc:50051").
 
-    timeout: default deadline of each call in seconds. credentials: grpc.ChannelCredentials
-    for TLS (None: plaintext). options: extra grpc channel options, e.g.
-    [("grpc.lb_policy_name", "round_robin")] for a headless Service. metadata: sent with
-    every call, e.g. [("authorization", "Bearer ...")].
+    timeout: default deadline of each call in seconds. options: extra grpc channel options,
+    e.g. [("grpc.lb_policy_name", "round_robin")] for a headless Service. metadata: sent with
+    every call.
+
+    Security (kvcd --tls_cert/--tls_key, --tls_client_ca, --auth_token_file):
+      root_certificates: PEM of the CAs that sign kvcd's certificate; turns TLS on (with
+        tls=True alone, the system's roots are trusted).
+      private_key, certificate_chain: PEM of this client's key and certificate, for mTLS.
+      tls_server_name: the name kvcd's certificate must carry, instead of the target's host.
+      auth_token: sent as "authorization: Bearer <token>" on every call. Without TLS it
+        crosses the network in plaintext.
+      credentials: a ready grpc.ChannelCredentials instead of the PEM arguments.
+    PEM arguments are bytes or str (the file's content, not its path).
     """
 
     def __init__(self, target: str, *, timeout: float = 300.0,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 options: Sequence[Tuple[str, Any]] = (), metadata=None):
+                 options: Sequence[Tuple[str, Any]] = (), metadata=None,
+                 tls: bool = False,
+                 root_certificates: Union[bytes, str, None] = None,
+                 private_key: Union[bytes, str, None] = None,
+                 certificate_chain: Union[bytes, str, None] = None,
+                 tls_server_name: Optional[str] = None,
+                 auth_token: Optional[str] = None):
         self.timeout = timeout
-        self._metadata = metadata
+        root_certificates = _pem(root_certificates, "root_certificates")
+        private_key = _pem(private_key, "private_key")
+        certificate_chain = _pem(certificate_chain, "certificate_chain")
+        if (private_key is None) != (certificate_chain is None):
+            raise _invalid("private_key and certificate_chain go together (mTLS); "
+                           f"{'certificate_chain' if private_key is None else 'private_key'} "
+                           "is given, the other is not")
+        pem_tls = tls or root_certificates is not None or private_key is not None
+        if credentials is not None and pem_tls:
+            raise _invalid("give credentials or the TLS arguments, not both")
+        if pem_tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
+        options = list(options)
+        if tls_server_name:
+            if credentials is None:
+                raise _invalid("tls_server_name needs TLS: give root_certificates or tls=True")
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        metadata = list(metadata or [])
+        if auth_token is not None:
+            if not auth_token or any(not 0x21 <= ord(c) <= 0x7e for c in auth_token):
+                raise _invalid("auth_token: expected a non-empty printable ASCII token")
+            metadata.append(("authorization", f"Bearer {auth_token}"))
+        self._metadata = metadata or None
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=list(options))
+            self._channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.KvCompressStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
