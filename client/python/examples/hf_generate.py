@@ -194,6 +194,8 @@ def prefill_and_compress(model, input_ids: torch.Tensor, client: kc.Client, meth
             failure.append(e)
 
     def capture(layer: int, query, key, value) -> None:
+        if failure:  # the call failed (deadline, server error): stop the prefill with its error
+            raise failure[0]
         # key/value: [1, H_kv, T, D] post-RoPE (the cache after this layer's update);
         # query: [1, H_q, T, D] post-RoPE; the last `window` rows are the observation window.
         queries = query[0, :, t - window:] if window else None
@@ -203,8 +205,14 @@ def prefill_and_compress(model, input_ids: torch.Tensor, client: kc.Client, meth
     with stream:
         reader.start()
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model(input_ids=input_ids, use_cache=True, kvc_capture=capture)
+        try:
+            with torch.no_grad():
+                out = model(input_ids=input_ids, use_cache=True, kvc_capture=capture)
+        except kc.KvcError:
+            reader.join()
+            if failure:  # the reader saw the call's own error first; report that one
+                raise failure[0] from None
+            raise
         elapsed = time.perf_counter() - start
         reader.join()
         if failure:
@@ -354,6 +362,7 @@ def main(argv=None) -> int:
     p.add_argument("--gguf-file", help="GGUF file name inside --model (a directory or Hub id)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-prompt-tokens", type=int, help="cut the prompt to its first N tokens")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--method", choices=sorted(METHODS), default="snapkv")
     p.add_argument("--keep", type=float, default=0.5, help="keep ratio (kept tokens / T)")
@@ -361,12 +370,14 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=64, help="snapkv observation window W")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="deadline of the Compress call (it spans the prefill), seconds")
     args = p.parse_args(argv)
 
     model, tokenizer = load_model(args.model, args.gguf_file, args.dtype, args.device)
     prompt = open(args.prompt_file).read() if args.prompt_file else args.prompt
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, :args.max_prompt_tokens]
+    input_ids = input_ids.to(model.device)
     method = METHODS[args.method](args.window)
     budget = ({"keep_tokens": args.keep_tokens} if args.keep_tokens
               else {"keep_ratio": args.keep})
@@ -377,9 +388,10 @@ def main(argv=None) -> int:
     kept = np.array([out.kept for out in pre.layers])  # [L, H_kv]
     print(f"model {args.model}: {num_layers} layers, {h_kv} KV heads; prompt T = {t} tokens; "
           f"prefill {pre.prefill_seconds * 1e3:.0f} ms (compression streamed alongside)")
+    ragged = int(sum(row.min() < row.max() for row in kept))
     print(f"{args.method} {budget}: kept {int(kept.sum())} of {kept.size * t} rows "
-          f"= {kept.sum() / (kept.size * t):.3f}; per layer max/min kept "
-          + " ".join(f"{r.max()}/{r.min()}" for r in kept))
+          f"= {kept.sum() / (kept.size * t):.3f}; rows per (layer, head) {kept.min()}.."
+          f"{kept.max()}; {ragged} of {num_layers} layers with ragged heads (padded, masked)")
     masses = [out.attention_mass_kept for out in pre.layers if out.attention_mass_kept is not None]
     if masses:
         print(f"attention mass kept (mean over layers): {np.mean(masses):.3f}")
