@@ -7,6 +7,8 @@ set -euo pipefail
 # exists, although kvcd only links the library. zlib compresses the PNG heatmaps of
 # `kvc inspect`; libpng decodes them in the tests (a reader independent of ours). prometheus
 # brings promtool and the Prometheus server that the observability tests run against kvcd.
+# libssl-dev: kvcd checks its TLS files and compares bearer tokens with OpenSSL; openssl
+# makes the test certificates of the TLS tests.
 packages=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
@@ -15,6 +17,7 @@ packages=(
   zlib1g-dev libpng-dev
   curl python3
   prometheus
+  libssl-dev openssl
 )
 # kubectl renders the Kubernetes manifests (tests/deploy). This image may already carry one
 # from another package, which Debian's kubernetes-client would conflict with.
