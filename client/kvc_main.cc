@@ -728,9 +728,15 @@ void PrintLoadReport(const LoadReport& report, const LoadWorkload& workload) {
     by_code.push_back(absl::StrCat(absl::StatusCodeToString(code), " ", failure.count));
   }
   if (!by_code.empty()) std::printf(" (%s)", absl::StrJoin(by_code, ", ").c_str());
-  std::printf(" in %.2f s; warmup %lld ok, %lld failed\n", absl::ToDoubleSeconds(report.measured),
-              static_cast<long long>(report.warmup_ok),
+  std::printf(" in %.2f s; not measured: warmup %lld ok, %lld failed",
+              absl::ToDoubleSeconds(report.measured), static_cast<long long>(report.warmup_ok),
               static_cast<long long>(report.warmup_failed));
+  if (report.after_window_ok + report.after_window_failed > 0) {
+    std::printf(", after the window %lld ok, %lld failed",
+                static_cast<long long>(report.after_window_ok),
+                static_cast<long long>(report.after_window_failed));
+  }
+  std::printf("\n");
   std::printf("throughput  %.2f requests/s, %.0f input tokens/s, %.3f GB/s input\n",
               report.requests_per_second(), report.input_tokens_per_second(),
               report.input_bytes_per_second() / 1e9);
@@ -750,10 +756,10 @@ void PrintLoadReport(const LoadReport& report, const LoadWorkload& workload) {
                 100.0 * static_cast<double>(report.tokens_kept) / tokens_in,
                 Bytes(report.bytes_out / report.requests_ok).c_str());
   }
-  for (const bool warmup : {false, true}) {
-    for (const auto& [code, failure] : warmup ? report.warmup_failures : report.failures) {
+  for (const bool measured : {true, false}) {
+    for (const auto& [code, failure] : measured ? report.failures : report.unmeasured_failures) {
       std::printf("failure     %s x%lld%s, first: %s\n", absl::StatusCodeToString(code).c_str(),
-                  static_cast<long long>(failure.count), warmup ? " (warmup)" : "",
+                  static_cast<long long>(failure.count), measured ? "" : " (not measured)",
                   failure.first_message.c_str());
     }
   }
@@ -839,27 +845,29 @@ std::optional<CommandError> RunBench(const ParsedFlags& flags) {
   }
   // A run with failures still prints its report, then fails the command: scripts and CI
   // see the failure in the exit code, with the most frequent status code.
-  const int64_t failed = report->requests_failed + report->warmup_failed;
+  const int64_t failed =
+      report->requests_failed + report->warmup_failed + report->after_window_failed;
   if (failed > 0) {
     absl::StatusCode code = absl::StatusCode::kUnknown;
     int64_t most = 0;
-    for (const bool warmup : {false, true}) {
+    for (const bool measured : {true, false}) {
       for (const auto& [failure_code, failure] :
-           warmup ? report->warmup_failures : report->failures) {
+           measured ? report->failures : report->unmeasured_failures) {
         if (failure.count > most) {
           code = failure_code;
           most = failure.count;
         }
       }
     }
+    const int64_t total =
+        failed + report->requests_ok + report->warmup_ok + report->after_window_ok;
     return CommandError{absl::Status(
-        code, absl::StrCat(failed, " of ", failed + report->requests_ok + report->warmup_ok,
-                           " requests failed (warmup included)"))};
+        code, absl::StrCat(failed, " of ", total, " requests failed (unmeasured ones included)"))};
   }
   if (report->requests_ok == 0) {
     return CommandError{absl::FailedPreconditionError(
-        "no request started in the measured window: the warmup requests outlasted it; "
-        "give a longer --duration or --warmup, or use --requests")};
+        "no request finished in the measured window: requests take longer than --duration; "
+        "give a longer --duration, or use --requests")};
   }
   return std::nullopt;
 }

@@ -17,11 +17,13 @@ namespace {
 struct WorkerTally {
   std::vector<absl::Duration> latencies;
   std::map<absl::StatusCode, FailureTally> failures;
-  std::map<absl::StatusCode, FailureTally> warmup_failures;
+  std::map<absl::StatusCode, FailureTally> unmeasured_failures;
   int64_t ok = 0;
   int64_t failed = 0;
   int64_t warmup_ok = 0;
   int64_t warmup_failed = 0;
+  int64_t after_window_ok = 0;
+  int64_t after_window_failed = 0;
   absl::Time last_completion = absl::InfinitePast();
   uint64_t tokens_kept = 0;
   uint64_t bytes_out = 0;
@@ -146,9 +148,10 @@ absl::StatusOr<LoadReport> RunLoad(Client& client, const LoadWorkload& workload,
                                    const LoadOptions& options) {
   if (absl::Status status = CheckOptions(workload, options); !status.ok()) return status;
 
+  const bool fixed_count = options.requests > 0;
   const absl::Time measure_start = absl::Now() + options.warmup;
   const absl::Time measure_end =
-      options.requests > 0 ? absl::InfiniteFuture() : measure_start + options.duration;
+      fixed_count ? absl::InfiniteFuture() : measure_start + options.duration;
   // Measured requests started so far, for the fixed-count mode.
   std::atomic<int64_t> started{0};
   std::vector<WorkerTally> tallies(options.concurrency);
@@ -159,25 +162,32 @@ absl::StatusOr<LoadReport> RunLoad(Client& client, const LoadWorkload& workload,
       WorkerTally& tally = tallies[w];
       for (;;) {
         const absl::Time begin = absl::Now();
-        const bool measured = begin >= measure_start;
-        if (measured) {
-          if (begin >= measure_end) break;
-          if (options.requests > 0 && started.fetch_add(1) >= options.requests) break;
-        }
+        if (begin >= measure_end) break;
+        const bool started_measured = fixed_count && begin >= measure_start;
+        if (started_measured && started.fetch_add(1) >= options.requests) break;
         absl::StatusOr<v1::CompressSummary> summary = SendOnce(client, workload, options.deadline);
         const absl::Time end = absl::Now();
-        if (!summary.ok()) {
-          ++(measured ? tally.failed : tally.warmup_failed);
-          Count(measured ? tally.failures : tally.warmup_failures, summary.status());
-        } else if (!measured) {
-          ++tally.warmup_ok;
-        } else {
+        const bool before = fixed_count ? !started_measured : end < measure_start;
+        const bool after = !fixed_count && end >= measure_end;
+        if (before || after) {
+          if (summary.ok()) {
+            ++(before ? tally.warmup_ok : tally.after_window_ok);
+          } else {
+            ++(before ? tally.warmup_failed : tally.after_window_failed);
+            Count(tally.unmeasured_failures, summary.status());
+          }
+          continue;
+        }
+        tally.last_completion = std::max(tally.last_completion, end);
+        if (summary.ok()) {
           ++tally.ok;
           tally.latencies.push_back(end - begin);
           tally.tokens_kept += summary->tokens_kept();
           tally.bytes_out += summary->bytes_out();
+        } else {
+          ++tally.failed;
+          Count(tally.failures, summary.status());
         }
-        if (measured) tally.last_completion = std::max(tally.last_completion, end);
       }
     });
   }
@@ -196,15 +206,20 @@ absl::StatusOr<LoadReport> RunLoad(Client& client, const LoadWorkload& workload,
     report.requests_failed += tally.failed;
     report.warmup_ok += tally.warmup_ok;
     report.warmup_failed += tally.warmup_failed;
+    report.after_window_ok += tally.after_window_ok;
+    report.after_window_failed += tally.after_window_failed;
     report.tokens_kept += tally.tokens_kept;
     report.bytes_out += tally.bytes_out;
     Merge(tally.failures, report.failures);
-    Merge(tally.warmup_failures, report.warmup_failures);
+    Merge(tally.unmeasured_failures, report.unmeasured_failures);
     latencies.insert(latencies.end(), tally.latencies.begin(), tally.latencies.end());
     last_completion = std::max(last_completion, tally.last_completion);
   }
-  report.measured =
-      last_completion > measure_start ? last_completion - measure_start : absl::ZeroDuration();
+  if (!fixed_count) {
+    report.measured = options.duration;
+  } else if (last_completion > measure_start) {
+    report.measured = last_completion - measure_start;
+  }
   report.latency = SummarizeLatencies(std::move(latencies));
   return report;
 }
@@ -215,15 +230,15 @@ std::string LoadReportToJson(const LoadReport& report, const LoadWorkload& workl
   const v1::CacheGeometry& g = workload.header.geometry();
   const v1::SequenceShape& shape = workload.header.sequences(0);
   Json failed_by_code = Json::object();
-  Json warmup_failed_by_code = Json::object();
+  Json unmeasured_failed_by_code = Json::object();
   Json errors = Json::array();
-  for (const bool warmup : {false, true}) {
-    for (const auto& [code, failure] : warmup ? report.warmup_failures : report.failures) {
+  for (const bool measured : {true, false}) {
+    for (const auto& [code, failure] : measured ? report.failures : report.unmeasured_failures) {
       const std::string name = absl::StatusCodeToString(code);
-      (warmup ? warmup_failed_by_code : failed_by_code)[name] = failure.count;
+      (measured ? failed_by_code : unmeasured_failed_by_code)[name] = failure.count;
       errors.push_back({{"code", name},
                         {"count", failure.count},
-                        {"warmup", warmup},
+                        {"measured", measured},
                         {"message", failure.first_message}});
     }
   }
@@ -240,7 +255,9 @@ std::string LoadReportToJson(const LoadReport& report, const LoadWorkload& workl
         {"failed_by_code", failed_by_code},
         {"warmup_ok", report.warmup_ok},
         {"warmup_failed", report.warmup_failed},
-        {"warmup_failed_by_code", warmup_failed_by_code}}},
+        {"after_window_ok", report.after_window_ok},
+        {"after_window_failed", report.after_window_failed},
+        {"unmeasured_failed_by_code", unmeasured_failed_by_code}}},
       {"throughput",
        {{"requests_per_second", report.requests_per_second()},
         {"input_tokens_per_second", report.input_tokens_per_second()},

@@ -6,14 +6,18 @@
 // the generator spends its time in gRPC, not in making inputs: what it measures is the
 // server. Results are read and checked by the SDK, then discarded.
 //
-// Phases: requests started during `warmup` are run and counted apart; requests started
-// after it are measured, until `duration` has passed (or `requests` were started). Requests
-// in flight at the end finish and count. The measured time runs from the end of the warmup
-// to the last measured completion, so throughput = measured requests / measured time.
-// Latency is StartCompress → Finish of a successful request; failures (warmup ones apart)
-// are tallied by status code, with the first message seen for each code. Requests longer
-// than the measured window can leave it empty: every worker was still busy with a warmup
-// request when it closed.
+// What is measured, after `warmup` (default none):
+//   - duration mode: the requests that finish inside the window [warmup, warmup + duration),
+//     over exactly `duration`. Workers keep the load steady up to the end of the window, so
+//     this is the steady-state rate; requests still running when it closes finish
+//     afterwards and are counted apart (like those that finished during the warmup), not
+//     as measured: letting them in would stretch the window over a tail with fewer streams
+//     in flight and understate the rate by up to a latency over the duration.
+//   - requests mode: the first `requests` requests started after the warmup, over the time
+//     from the end of the warmup to the last of them finishing (a fixed amount of work).
+// Latency is StartCompress → Finish of a successful request. Failures are tallied by status
+// code with the first message seen for each code, those outside the measured set apart.
+// Requests longer than the window can leave it empty.
 //
 // RunLoad blocks until the run is over. Thread-safe with respect to the Client (which
 // supports concurrent sessions); the workload must outlive the call.
@@ -72,11 +76,17 @@ struct LoadReport {
   int64_t requests_ok = 0;                            // measured
   int64_t requests_failed = 0;                        // measured
   std::map<absl::StatusCode, FailureTally> failures;  // measured failures by code
-  // Requests started during the warmup; in no other figure.
+  // Not measured, in no other figure: requests that finished during the warmup (requests
+  // mode: that started during it), and, in duration mode, those that finished after the
+  // window closed.
   int64_t warmup_ok = 0;
   int64_t warmup_failed = 0;
-  std::map<absl::StatusCode, FailureTally> warmup_failures;
-  absl::Duration measured;  // end of warmup → last measured completion
+  int64_t after_window_ok = 0;
+  int64_t after_window_failed = 0;
+  std::map<absl::StatusCode, FailureTally> unmeasured_failures;
+  // Duration mode: the window, `duration`. Requests mode: end of the warmup → the last
+  // measured request's completion.
+  absl::Duration measured;
 
   // Per request, from the workload: sequence tokens T and tensor bytes sent (K, V, Q, S).
   uint64_t input_tokens_per_request = 0;

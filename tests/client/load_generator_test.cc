@@ -121,7 +121,7 @@ TEST(LoadGeneratorTest, UnreachableServerFailuresAreCountedByCode) {
   EXPECT_EQ(json["server"], target);
 }
 
-TEST(LoadGeneratorTest, WarmupFailuresAreTalliedApart) {
+TEST(LoadGeneratorTest, UnmeasuredFailuresAreTalliedApart) {
   absl::StatusOr<std::unique_ptr<SyntheticWorkload>> w =
       MakeSyntheticWorkload(SmallCache(), Knorm(), v1::OutputSpec());
   ASSERT_TRUE(w.ok());
@@ -135,15 +135,17 @@ TEST(LoadGeneratorTest, WarmupFailuresAreTalliedApart) {
   EXPECT_EQ(report->failures.at(absl::StatusCode::kUnavailable).count, 2);
   EXPECT_GT(report->warmup_failed, 0);
   EXPECT_EQ(report->warmup_ok, 0);
-  ASSERT_EQ(report->warmup_failures.size(), 1u);
-  EXPECT_EQ(report->warmup_failures.at(absl::StatusCode::kUnavailable).count,
+  EXPECT_EQ(report->after_window_failed, 0);  // requests mode has no window to outlast
+  ASSERT_EQ(report->unmeasured_failures.size(), 1u);
+  EXPECT_EQ(report->unmeasured_failures.at(absl::StatusCode::kUnavailable).count,
             report->warmup_failed);
 
   const nlohmann::json json =
       nlohmann::json::parse(LoadReportToJson(*report, (*w)->workload, options, target));
-  EXPECT_EQ(json["requests"]["warmup_failed_by_code"]["UNAVAILABLE"], report->warmup_failed);
+  EXPECT_EQ(json["requests"]["unmeasured_failed_by_code"]["UNAVAILABLE"], report->warmup_failed);
   EXPECT_EQ(json["errors"].size(), 2u);
-  EXPECT_EQ(json["errors"][1]["warmup"], true);
+  EXPECT_EQ(json["errors"][0]["measured"], true);
+  EXPECT_EQ(json["errors"][1]["measured"], false);
 }
 
 TEST(LoadGeneratorTest, RatesFollowTheMeasuredWindow) {

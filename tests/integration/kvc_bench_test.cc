@@ -56,11 +56,12 @@ TEST_F(KvcBenchTest, FourStreamsForTwoSecondsAllSucceedWithConsistentCounts) {
   ASSERT_TRUE(report.is_object());
 
   const int64_t ok = report["requests"]["ok"];
-  EXPECT_GT(ok, 4);
+  EXPECT_GT(ok, 0);
   EXPECT_EQ(report["requests"]["failed"], 0);
   EXPECT_TRUE(report["requests"]["failed_by_code"].empty());
   EXPECT_TRUE(report["errors"].empty());
   EXPECT_EQ(report["requests"]["warmup_failed"], 0);
+  EXPECT_EQ(report["requests"]["after_window_failed"], 0);
   EXPECT_EQ(report["concurrency"], 4);
 
   const Json& latency = report["latency_ms"];
@@ -75,10 +76,9 @@ TEST_F(KvcBenchTest, FourStreamsForTwoSecondsAllSucceedWithConsistentCounts) {
   EXPECT_LE(min, mean);
   EXPECT_LE(mean, max);
 
-  // The measured window covers the 2 s, and the rates are the counts over it.
+  // Duration mode measures the requests that finished inside the 2-s window, over 2 s.
   const double seconds = report["measured_seconds"];
-  EXPECT_GE(seconds, 1.9);
-  EXPECT_LT(seconds, 2.0 + max / 1000.0 + 1.0);
+  EXPECT_DOUBLE_EQ(seconds, 2.0);
   const Json& throughput = report["throughput"];
   EXPECT_NEAR(throughput["requests_per_second"].get<double>(), ok / seconds, 1e-6 * ok);
   EXPECT_NEAR(throughput["input_tokens_per_second"].get<double>(), 1024.0 * ok / seconds,
