@@ -1,32 +1,51 @@
 #!/usr/bin/env bash
-# One device run: GPU tests, a compute-sanitizer subset, the benchmark and an ncu kernel
-# breakdown, from binaries built elsewhere and carried in $DIST (default build-cuda/dist:
-# gpu_cuda_backend_test, gpu_bench, lib/ with the shared libraries they need).
-# Logs go to $OUT (default ./device-out). Each step has its own time limit; SKIP_NCU=1 skips
-# the ncu breakdown, BENCH_ARGS passes arguments to gpu_bench.
+# One device run: GPU tests (backend and kvcd --backend=cuda), a compute-sanitizer subset, the
+# benchmark, kvcd end to end, kvpress on the same shapes (bench/peer, when its wheels were
+# carried) and an ncu kernel breakdown, from binaries built elsewhere and packaged into $DIST
+# by bench/gpu/package_dist.sh (default build-cuda/dist).
+#
+# Logs go to $LOGS and are packed into $OUT/logs.tar.gz (the device tool returns at most 8
+# files); a summary is printed. Each step has its own time limit; STEPS picks steps (default
+# all: tests_small tests_kvcd bench tests_large kvcd_end_to_end kvpress sanitizer ncu — more
+# than one 10-minute device call holds, so split them over two), BENCH_ARGS passes arguments
+# to gpu_bench, KVPRESS_ARGS to kvpress_bench.py.
 set -u
 DIST=${DIST:-build-cuda/dist}
 OUT=${OUT:-device-out}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/kvc-device-logs}
+mkdir -p "$OUT" "$LOGS"
 export LD_LIBRARY_PATH="$PWD/$DIST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; head -2 /etc/os-release; ldd --version | head -1; } 2>&1 | tee "$OUT/machine.txt"
-if ! "$DIST/gpu_cuda_backend_test" --gtest_list_tests > /dev/null 2>"$OUT/loader.txt"; then
-  echo "binaries do not load; trying the carried libstdc++"; cat "$OUT/loader.txt"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
+  head -2 /etc/os-release; ldd --version | head -1; } 2>&1 | tee "$LOGS/machine.txt"
+if ! "$DIST/gpu_cuda_backend_test" --gtest_list_tests > /dev/null 2>"$LOGS/loader.txt"; then
+  echo "binaries do not load; trying the carried libstdc++"; cat "$LOGS/loader.txt"
   export LD_LIBRARY_PATH="$PWD/$DIST/fallback:$LD_LIBRARY_PATH"
 fi
+STEPS=${STEPS:-tests_small tests_kvcd bench tests_large kvcd_end_to_end kvpress sanitizer ncu}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   echo "== $name: exit $? in $((SECONDS - start)) s"
 }
-step bench 150 "$DIST/gpu_bench" ${BENCH_ARGS:-}
 step tests_small 150 "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs*:*Contract*'
+step tests_kvcd 90 "$DIST/gpu_kvcd_cuda_test"
+step bench 200 "$DIST/gpu_bench" ${BENCH_ARGS:-}
 step tests_large 120 "$DIST/gpu_cuda_backend_test" --gtest_filter='LargeConfigs*'
+step kvcd_end_to_end 100 bash bench/gpu/kvcd_end_to_end.sh "$DIST"
+if [ -d bench/peer/wheels ]; then
+  step kvpress 300 bash -c "bash bench/peer/install_wheels.sh /tmp/kvpress-site && \
+    PYTHONPATH=/tmp/kvpress-site PYTHONUNBUFFERED=1 python3 bench/peer/kvpress_bench.py \
+    --out $OUT/kvpress.json ${KVPRESS_ARGS:-}"
+fi
 step sanitizer 100 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
   "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs/CudaBackendTest.MatchesCpuReference/*'
-[ -n "${SKIP_NCU:-}" ] || step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
+step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
   "$DIST/gpu_bench" --tokens=32768 --layers=4 --methods=snapkv,knorm --repeats=1
-tail -25 "$OUT/bench.log"
-grep -E "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties" "$OUT"/tests_*.log | head -40
-grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$OUT/sanitizer.log" | head -10
+tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+[ -f "$LOGS/bench.log" ] && tail -30 "$LOGS/bench.log"
+grep -hE "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties|Failure" "$LOGS"/tests_*.log | head -60
+[ -f "$LOGS/kvcd_end_to_end.log" ] && grep -E "^== |backend|total" "$LOGS/kvcd_end_to_end.log" | head -30
+[ -f "$LOGS/kvpress.log" ] && tail -25 "$LOGS/kvpress.log"
+[ -f "$LOGS/sanitizer.log" ] && grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" "$LOGS/sanitizer.log" | head -10
