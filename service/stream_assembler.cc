@@ -142,6 +142,10 @@ absl::StatusOr<std::optional<AssembledLayer>> StreamAssembler::AddRequest(
     case v1::CompressRequest::kHeader:
       return absl::InvalidArgumentError(
           "second header: a Compress stream carries exactly one header, as its first message");
+    case v1::CompressRequest::kLayerReady:
+      return absl::InvalidArgumentError(
+          "layer_ready on an inline stream: layer_ready needs a header with transport "
+          "TRANSPORT_CUDA_IPC and a channel_id; inline streams send chunks");
     case v1::CompressRequest::PAYLOAD_NOT_SET:
       break;
   }

@@ -271,20 +271,22 @@ class OutputSpec(_message.Message):
     def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., return_merged_counts: bool = ...) -> None: ...
 
 class CompressHeader(_message.Message):
-    __slots__ = ("request_id", "geometry", "sequences", "method", "output", "transport")
+    __slots__ = ("request_id", "geometry", "sequences", "method", "output", "transport", "channel_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     geometry: CacheGeometry
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceShape]
     method: MethodSpec
     output: OutputSpec
     transport: Transport
-    def __init__(self, request_id: _Optional[str] = ..., geometry: _Optional[_Union[CacheGeometry, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceShape, _Mapping]]] = ..., method: _Optional[_Union[MethodSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ...) -> None: ...
+    channel_id: str
+    def __init__(self, request_id: _Optional[str] = ..., geometry: _Optional[_Union[CacheGeometry, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceShape, _Mapping]]] = ..., method: _Optional[_Union[MethodSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel_id: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("sequence", "layer", "tensor", "offset", "data")
@@ -300,13 +302,41 @@ class TensorChunk(_message.Message):
     data: bytes
     def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., tensor: _Optional[_Union[TensorKind, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class RegionSlice(_message.Message):
+    __slots__ = ("region", "offset", "bytes")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    offset: int
+    bytes: int
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class LayerReady(_message.Message):
+    __slots__ = ("sequence", "layer", "keys", "values", "queries", "scores")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    layer: int
+    keys: RegionSlice
+    values: RegionSlice
+    queries: RegionSlice
+    scores: RegionSlice
+    def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[RegionSlice, _Mapping]] = ..., values: _Optional[_Union[RegionSlice, _Mapping]] = ..., queries: _Optional[_Union[RegionSlice, _Mapping]] = ..., scores: _Optional[_Union[RegionSlice, _Mapping]] = ...) -> None: ...
+
 class CompressRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "layer_ready")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAYER_READY_FIELD_NUMBER: _ClassVar[int]
     header: CompressHeader
     chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[CompressHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    layer_ready: LayerReady
+    def __init__(self, header: _Optional[_Union[CompressHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., layer_ready: _Optional[_Union[LayerReady, _Mapping]] = ...) -> None: ...
 
 class LayerResult(_message.Message):
     __slots__ = ("sequence", "layer", "format", "kept", "max_kept", "keys_bytes", "values_bytes", "positions_bytes", "merged_bytes", "attention_mass_kept")
@@ -379,6 +409,64 @@ class CompressResponse(_message.Message):
     result_chunk: TensorChunk
     summary: CompressSummary
     def __init__(self, layer_result: _Optional[_Union[LayerResult, _Mapping]] = ..., result_chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., summary: _Optional[_Union[CompressSummary, _Mapping]] = ...) -> None: ...
+
+class CudaIpcRegion(_message.Message):
+    __slots__ = ("ipc_handle", "size_bytes", "device_uuid", "pci_bus_id", "device_ordinal")
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    ipc_handle: bytes
+    size_bytes: int
+    device_uuid: str
+    pci_bus_id: str
+    device_ordinal: int
+    def __init__(self, ipc_handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., device_uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., device_ordinal: _Optional[int] = ...) -> None: ...
+
+class OpenChannelRequest(_message.Message):
+    __slots__ = ("transport", "idle_timeout_seconds", "regions")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    transport: Transport
+    idle_timeout_seconds: int
+    regions: _containers.RepeatedCompositeFieldContainer[CudaIpcRegion]
+    def __init__(self, transport: _Optional[_Union[Transport, str]] = ..., idle_timeout_seconds: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[CudaIpcRegion, _Mapping]]] = ...) -> None: ...
+
+class OpenChannelResponse(_message.Message):
+    __slots__ = ("channel_id", "idle_timeout_seconds", "region_ids")
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REGION_IDS_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    idle_timeout_seconds: int
+    region_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, channel_id: _Optional[str] = ..., idle_timeout_seconds: _Optional[int] = ..., region_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CloseChannelRequest(_message.Message):
+    __slots__ = ("channel_id",)
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    def __init__(self, channel_id: _Optional[str] = ...) -> None: ...
+
+class CloseChannelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RegisterRegionRequest(_message.Message):
+    __slots__ = ("channel_id", "region")
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    region: CudaIpcRegion
+    def __init__(self, channel_id: _Optional[str] = ..., region: _Optional[_Union[CudaIpcRegion, _Mapping]] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ("region_id",)
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    region_id: int
+    def __init__(self, region_id: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

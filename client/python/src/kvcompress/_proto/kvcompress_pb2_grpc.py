@@ -44,6 +44,21 @@ class KvCompressStub(object):
                 request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.CompressRequest.SerializeToString,
                 response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.CompressResponse.FromString,
                 _registered_method=True)
+        self.OpenChannel = channel.unary_unary(
+                '/kvcompress.v1.KvCompress/OpenChannel',
+                request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelRequest.SerializeToString,
+                response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelResponse.FromString,
+                _registered_method=True)
+        self.CloseChannel = channel.unary_unary(
+                '/kvcompress.v1.KvCompress/CloseChannel',
+                request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelRequest.SerializeToString,
+                response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelResponse.FromString,
+                _registered_method=True)
+        self.RegisterRegion = channel.unary_unary(
+                '/kvcompress.v1.KvCompress/RegisterRegion',
+                request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.SerializeToString,
+                response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.FromString,
+                _registered_method=True)
 
 
 class KvCompressServicer(object):
@@ -64,6 +79,34 @@ class KvCompressServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenChannel(self, request, context):
+        """Opens a data-plane channel for a GPU transport (cuda_ipc in this version). A channel
+        belongs to the authenticated client that opened it, lives until CloseChannel or until it
+        has been idle (no call naming it, no stream using it) for its idle timeout, and holds
+        every resource of the transport (opened IPC handles). FAILED_PRECONDITION when the
+        transport is disabled on this kvcd, UNAUTHENTICATED for unauthenticated peers (unless
+        kvcd runs with no authentication at all), RESOURCE_EXHAUSTED past --max_channels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseChannel(self, request, context):
+        """Closes a channel; resources are released once the last stream using it has ended.
+        FAILED_PRECONDITION for an unknown (or expired) channel, PERMISSION_DENIED for another
+        client's channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterRegion(self, request, context):
+        """Adds a device region to a cuda_ipc channel (regions may also come with OpenChannel).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvCompressServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +119,21 @@ def add_KvCompressServicer_to_server(servicer, server):
                     servicer.Compress,
                     request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.CompressRequest.FromString,
                     response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.CompressResponse.SerializeToString,
+            ),
+            'OpenChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenChannel,
+                    request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelRequest.FromString,
+                    response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelResponse.SerializeToString,
+            ),
+            'CloseChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseChannel,
+                    request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelRequest.FromString,
+                    response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelResponse.SerializeToString,
+            ),
+            'RegisterRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterRegion,
+                    request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.FromString,
+                    response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +190,87 @@ class KvCompress(object):
             '/kvcompress.v1.KvCompress/Compress',
             kvcompress_dot_v1_dot_kvcompress__pb2.CompressRequest.SerializeToString,
             kvcompress_dot_v1_dot_kvcompress__pb2.CompressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcompress.v1.KvCompress/OpenChannel',
+            kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelRequest.SerializeToString,
+            kvcompress_dot_v1_dot_kvcompress__pb2.OpenChannelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcompress.v1.KvCompress/CloseChannel',
+            kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelRequest.SerializeToString,
+            kvcompress_dot_v1_dot_kvcompress__pb2.CloseChannelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvcompress.v1.KvCompress/RegisterRegion',
+            kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.SerializeToString,
+            kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.FromString,
             options,
             channel_credentials,
             insecure,
