@@ -33,6 +33,8 @@
 
 namespace kvcompress {
 
+class CudaCompressor;  // kernels/cuda/cuda_compressor.h (needs the CUDA headers)
+
 struct CudaBackendOptions {
   // CUDA device ordinal. Default 0.
   int device = 0;
@@ -51,6 +53,12 @@ bool CudaBackendCompiled();
 // the ordinal is out of range), UNIMPLEMENTED when the build has no CUDA, INTERNAL on other
 // device errors.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options);
+
+// The device-level compressor of `backend` when it is a CUDA backend made by MakeCudaBackend,
+// else null (always null in a build without CUDA). GPU transports run device-resident layers
+// through it (CudaCompressor::Compress) instead of making a second compressor; it lives as
+// long as the backend.
+CudaCompressor* CudaCompressorOf(Backend& backend);
 
 // OK when the CUDA backend can run `spec` on head_dim `head_dim`; UNIMPLEMENTED naming the
 // first stage it cannot run ("scorer tova", "head budget adaptive", "reducer merge_similar",

@@ -66,6 +66,8 @@ class CudaBackend final : public Backend {
 
   std::string_view name() const override { return "cuda"; }
 
+  CudaCompressor* compressor() const { return compressor_.get(); }
+
   absl::Status Supports(const MethodSpec& spec, int head_dim) const override {
     return CheckCudaMethodSupported(spec, head_dim);
   }
@@ -437,6 +439,11 @@ absl::Status CudaBackend::ScoreLayers(const CacheGeometry& geometry, const Metho
 }  // namespace
 
 bool CudaBackendCompiled() { return true; }
+
+CudaCompressor* CudaCompressorOf(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  return cuda != nullptr ? cuda->compressor() : nullptr;
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options) {
   CudaCompressorOptions compressor_options;

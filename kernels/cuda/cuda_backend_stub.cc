@@ -5,6 +5,11 @@ namespace kvcompress {
 
 bool CudaBackendCompiled() { return false; }
 
+CudaCompressor* CudaCompressorOf(Backend& backend) {
+  (void)backend;
+  return nullptr;
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options) {
   (void)options;
   return absl::UnimplementedError(

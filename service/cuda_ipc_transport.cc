@@ -1,0 +1,220 @@
+// The cuda_ipc transport with CUDA: see cuda_ipc_transport.h.
+#include "service/cuda_ipc_transport.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "kernels/cuda/cuda_compressor.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda_backend.h"
+#include "kernels/status_macros.h"
+
+namespace kvcompress {
+namespace {
+
+// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as nvidia-smi prints it.
+std::string UuidString(const cudaUUID_t& uuid) {
+  const auto* b = reinterpret_cast<const unsigned char*>(uuid.bytes);
+  return absl::StrFormat("GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
+                         b[12], b[13], b[14], b[15]);
+}
+
+// kvcd's ordinal of the client's device.
+absl::StatusOr<int> LocalOrdinal(const RegionDescriptor& region) {
+  int count = 0;
+  KVC_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
+  if (!region.device_uuid.empty()) {
+    const std::string wanted = absl::AsciiStrToLower(region.device_uuid);
+    for (int ordinal = 0; ordinal < count; ++ordinal) {
+      cudaDeviceProp properties{};
+      KVC_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, ordinal));
+      const std::string uuid = UuidString(properties.uuid);
+      if (wanted == uuid || wanted == uuid.substr(4)) return ordinal;
+    }
+    return absl::FailedPreconditionError(absl::StrCat("region device_uuid ", region.device_uuid,
+                                                      ": no such device is visible to kvcd"));
+  }
+  if (!region.pci_bus_id.empty()) {
+    int ordinal = -1;
+    if (cudaDeviceGetByPCIBusId(&ordinal, region.pci_bus_id.c_str()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return absl::FailedPreconditionError(absl::StrCat("region pci_bus_id ", region.pci_bus_id,
+                                                        ": no such device is visible to kvcd"));
+    }
+    return ordinal;
+  }
+  if (region.device_ordinal < 0 || region.device_ordinal >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("region device: give device_uuid or pci_bus_id (or a device_ordinal in [0, ",
+                     count, ")), got ordinal ", region.device_ordinal));
+  }
+  return region.device_ordinal;
+}
+
+class CudaIpcResources final : public ChannelResources {
+ public:
+  explicit CudaIpcResources(int device) : device_(device) {}
+  ~CudaIpcResources() override { Release(); }
+
+  absl::StatusOr<std::byte*> OpenRegion(const RegionDescriptor& region) override {
+    if (region.ipc_handle.size() != sizeof(cudaIpcMemHandle_t)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("region ipc_handle: expected ", sizeof(cudaIpcMemHandle_t),
+                       " bytes (a cudaIpcMemHandle_t), got ", region.ipc_handle.size()));
+    }
+    KVC_ASSIGN_OR_RETURN(const int ordinal, LocalOrdinal(region));
+    if (ordinal != device_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "region device: the region lies on kvcd's device ", ordinal,
+          ", but kvcd's cuda backend runs on device ", device_,
+          "; register memory of that device or start kvcd with --cuda_device=", ordinal));
+    }
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, region.ipc_handle.data(), sizeof(handle));
+    KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    void* base = nullptr;
+    const cudaError_t error = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess);
+    if (error != cudaSuccess) {
+      (void)cudaGetLastError();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "region ipc_handle: cudaIpcOpenMemHandle failed (", cudaGetErrorString(error),
+          "); the handle must come from cudaIpcGetMemHandle in a live process on "
+          "this node, for memory allocated with cudaMalloc"));
+    }
+    opened_.push_back(base);
+    return static_cast<std::byte*>(base);
+  }
+
+  void Release() override {
+    if (opened_.empty()) return;
+    cudaSetDevice(device_);
+    // Work reading the regions has finished: streams end their requests synchronised.
+    for (void* base : opened_) cudaIpcCloseMemHandle(base);
+    (void)cudaGetLastError();
+    opened_.clear();
+  }
+
+ private:
+  const int device_;
+  std::vector<void*> opened_;
+};
+
+// A stream for the duration of one call.
+class ScopedStream {
+ public:
+  ScopedStream() = default;
+  ~ScopedStream() {
+    if (stream_ != nullptr) {
+      cudaStreamSynchronize(stream_);
+      cudaStreamDestroy(stream_);
+      (void)cudaGetLastError();
+    }
+  }
+  ScopedStream(const ScopedStream&) = delete;
+  ScopedStream& operator=(const ScopedStream&) = delete;
+  absl::Status Create() {
+    KVC_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    return absl::OkStatus();
+  }
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+}  // namespace
+
+bool CudaIpcCompiled() { return true; }
+
+absl::StatusOr<std::unique_ptr<ChannelResources>> MakeCudaIpcResources(Backend& backend) {
+  CudaCompressor* compressor = CudaCompressorOf(backend);
+  if (compressor == nullptr) {
+    return absl::FailedPreconditionError(
+        "transport cuda_ipc needs kvcd's cuda backend (start kvcd with --backend=cuda on a GPU "
+        "machine); this kvcd runs the cpu backend");
+  }
+  return std::unique_ptr<ChannelResources>(new CudaIpcResources(compressor->device()));
+}
+
+absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
+                                                const MethodSpec& spec,
+                                                const DeviceLayerInput& input,
+                                                int64_t tokens_per_head, bool keep_all) {
+  CudaCompressor* compressor = CudaCompressorOf(backend);
+  if (compressor == nullptr) {
+    return absl::FailedPreconditionError("transport cuda_ipc needs kvcd's cuda backend");
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
+  // Declared before the result, so that the result's memory is freed in the stream's order
+  // and the stream is synchronised and destroyed after it.
+  ScopedStream stream;
+  KVC_RETURN_IF_ERROR(stream.Create());
+  DeviceLayerJob job;
+  job.sequence = input.sequence;
+  job.layer = input.layer;
+  job.input.keys = input.keys;
+  job.input.values = input.values;
+  job.input.queries = input.queries;
+  job.input.scores = input.scores;
+  job.input.shape = input.shape;
+  job.tokens_per_head = tokens_per_head;
+  job.keep_all = keep_all;
+  KVC_ASSIGN_OR_RETURN(
+      DeviceBatchResult out,
+      compressor->Compress(geometry, spec, std::span<const DeviceLayerJob>(&job, 1), stream.get()));
+  const DeviceLayerResult& layer = out.layers.at(0);
+  const int num_heads = geometry.num_kv_heads;
+  const size_t rows = static_cast<size_t>(layer.num_rows);
+  const size_t first = static_cast<size_t>(layer.first_row);
+  LayerResult result;
+  result.sequence = layer.sequence;
+  result.layer = layer.layer;
+  result.keys.resize(rows * out.row_bytes);
+  result.values.resize(rows * out.row_bytes);
+  result.positions.resize(rows);
+  double mass_sum = 0;
+  std::vector<int32_t> head_counts(num_heads, layer.kept_per_head);
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.keys.data(), out.keys + first * out.row_bytes,
+                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.values.data(), out.values + first * out.row_bytes,
+                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.positions.data(), out.positions + first,
+                                           rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&mass_sum, out.mass_sums, sizeof(double),
+                                           cudaMemcpyDeviceToHost, stream.get()));
+  if (layer.ragged_heads) {
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(head_counts.data(), out.head_counts,
+                                             num_heads * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                             stream.get()));
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
+  result.kept = head_counts;
+  result.offsets.resize(num_heads + 1);
+  int64_t offset = 0;
+  for (int h = 0; h < num_heads; ++h) {
+    result.offsets[h] = static_cast<int32_t>(offset);
+    offset += result.kept[h];
+  }
+  result.offsets[num_heads] = static_cast<int32_t>(offset);
+  if (offset != layer.num_rows) {
+    return absl::InternalError(absl::StrCat("cuda_ipc: sequence ", result.sequence, " layer ",
+                                            result.layer, ": heads kept ", offset,
+                                            " rows in all, expected ", layer.num_rows));
+  }
+  result.attention_mass_kept =
+      layer.mass_scale > 0 ? mass_sum * layer.mass_scale : layer.mass_fixed;
+  return result;
+}
+
+}  // namespace kvcompress

@@ -1,0 +1,30 @@
+// The cuda_ipc transport in a build without CUDA.
+#include "service/cuda_ipc_transport.h"
+
+namespace kvcompress {
+namespace {
+
+absl::Status NotBuilt() {
+  return absl::UnimplementedError(
+      "transport cuda_ipc is not part of this build of kvcd (built without CUDA; configure with "
+      "a CUDA toolkit and KVC_ENABLE_CUDA=ON); use TRANSPORT_INLINE");
+}
+
+}  // namespace
+
+bool CudaIpcCompiled() { return false; }
+
+absl::StatusOr<std::unique_ptr<ChannelResources>> MakeCudaIpcResources(Backend& backend) {
+  (void)backend;
+  return NotBuilt();
+}
+
+absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
+                                                const MethodSpec& spec,
+                                                const DeviceLayerInput& input,
+                                                int64_t tokens_per_head, bool keep_all) {
+  (void)backend, (void)geometry, (void)spec, (void)input, (void)tokens_per_head, (void)keep_all;
+  return NotBuilt();
+}
+
+}  // namespace kvcompress
