@@ -13,7 +13,7 @@ set -u
 DIST=${DIST:-build-cuda/dist}
 OUT=${OUT:-device-out}
 LOGS=${LOGS:-/tmp/kvc-device-logs}
-mkdir -p "$OUT" "$LOGS"
+rm -rf "$LOGS"; mkdir -p "$OUT" "$LOGS"
 export LD_LIBRARY_PATH="$PWD/$DIST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
   head -2 /etc/os-release; ldd --version | head -1; } 2>&1 | tee "$LOGS/machine.txt"

@@ -469,6 +469,14 @@ TEST_P(CudaBackendTest, ScoresMatchCpuReference) {
   input.queries = RandomTensor(
       static_cast<size_t>(geometry.num_query_heads) * input.shape.num_window_queries * c.head_dim,
       c.dtype, c.seed * 17, 2.0f);
+  if (c.spec.scorer == ScorerKind::kObserved) {
+    input.shape.num_score_heads =
+        c.scores_per_query_head ? geometry.num_query_heads : geometry.num_kv_heads;
+    const size_t count = static_cast<size_t>(input.shape.num_score_heads) * num_tokens;
+    const std::vector<std::byte> bytes = RandomTensor(count, DType::kFloat32, c.seed * 19, 1.0f);
+    input.scores.resize(count);
+    std::memcpy(input.scores.data(), bytes.data(), bytes.size());
+  }
   LayerJob job;
   job.input = input.view();
   job.tokens_per_head = 1;
