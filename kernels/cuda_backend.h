@@ -8,13 +8,13 @@
 // (the CPU scores in fp64, the GPU in fp32). Device-resident caches (CUDA IPC, NCCL) go through
 // kernels/cuda/cuda_compressor.h instead, which takes device pointers.
 //
-// Implemented stages: scorers snapkv (avg/max pooling, any odd kernel size, mean/max/sum group
-// reduction), knorm, streaming, keydiff and observed (client scores, per KV head or
-// group-reduced); protect_sinks / protect_recent; uniform and adaptive head budgets (AdaKV,
-// truly ragged heads); the drop reducer; attention_mass_kept. Any other scorer (tova) or
-// reducer (merge_similar, merge_nearest) answers UNIMPLEMENTED naming the stage; head_dim
-// other than 64, 128 and 256 answers UNIMPLEMENTED. kvcd routes those requests to the CPU
-// reference (Backend::Supports, service/backend_router.h).
+// Implemented stages: every scorer — snapkv (avg/max pooling, any odd kernel size, mean/max/sum
+// group reduction), knorm, streaming, keydiff, observed (client scores, per KV head or
+// group-reduced) and tova (the last window query's softmax from the first attention pass);
+// protect_sinks / protect_recent; uniform and adaptive head budgets (AdaKV, truly ragged heads);
+// the drop reducer; attention_mass_kept. The merging reducers (merge_similar, merge_nearest)
+// answer UNIMPLEMENTED naming the stage, as does a head_dim other than 64, 128 and 256; kvcd
+// routes those requests to the CPU reference (Backend::Supports, service/backend_router.h).
 //
 // This header compiles without CUDA. In a build without CUDA, MakeCudaBackend answers
 // UNIMPLEMENTED; in a build with CUDA on a machine without a device, FAILED_PRECONDITION.

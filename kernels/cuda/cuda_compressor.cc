@@ -74,8 +74,10 @@ absl::Status ValidateJob(const CacheGeometry& geometry, const MethodSpec& spec,
   if (shape.num_window_queries > 0 && job.input.queries == nullptr) {
     return error("num_window_queries is ", shape.num_window_queries, " but no queries were given");
   }
-  if (spec.scorer == ScorerKind::kSnapKv && shape.num_window_queries < 1 && !keep_all) {
-    return error("the snapkv scorer needs window queries; got none");
+  if ((spec.scorer == ScorerKind::kSnapKv || spec.scorer == ScorerKind::kTova) &&
+      shape.num_window_queries < 1 && !keep_all) {
+    return error("the ", spec.scorer == ScorerKind::kTova ? "tova" : "snapkv",
+                 " scorer needs window queries; got none");
   }
   if (spec.scorer == ScorerKind::kObserved && !keep_all) {
     if (job.input.scores == nullptr)
@@ -215,6 +217,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const size_t row_bytes = static_cast<size_t>(head_dim) * element_size;
   const AttentionTiling tiling = cuda::AttentionTilingFor(geometry.dtype, head_dim);
   const bool is_snapkv = spec.scorer == ScorerKind::kSnapKv;
+  const bool is_tova = spec.scorer == ScorerKind::kTova;
   const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
   const bool is_adaptive = spec.head_budget == HeadBudgetKind::kAdaptive;
   // First-pass tiling: KVC_CUDA_STATS_ROW_TILES=1 selects one row tile per warp (16-bit
@@ -258,7 +261,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
                               : std::clamp<int64_t>(job.tokens_per_head, 1, plan.num_tokens);
     plan.window =
         is_snapkv ? EffectiveWindowSize(spec.snapkv.window_size, plan.num_sent) : plan.num_sent;
-    plan.attention = !plan.keep_all && plan.window > 0 && (!scores_only || is_snapkv);
+    // TOVA's scores use the first pass's softmax statistics of the last window query.
+    plan.attention = !plan.keep_all && plan.window > 0 && (!scores_only || is_snapkv || is_tova);
     if (plan.keep_all || plan.need >= plan.num_tokens) {
       plan.kind = SegmentKind::kKeepAll;
     } else if (is_streaming && !is_adaptive && plan.num_tokens <= kMaxRangesTokens) {
@@ -324,6 +328,8 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   std::vector<JobHead> score_heads;
   std::vector<Segment> segments;
   std::vector<SliceItem> slices;
+  std::vector<JobHead> score_jobs;  // (job, 0) for every job that needs scores
+  int64_t tova_size = 0;
   // Adaptive head budgets: each head's safeguard selection runs first, on tables of its own.
   std::vector<Segment> safeguard_segments;
   std::vector<SliceItem> safeguard_slices;
@@ -364,6 +370,11 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
       scores_size += num_heads * plan.num_tokens;
       max_score_tokens = std::max(max_score_tokens, plan.num_tokens);
       for (int h = 0; h < num_heads; ++h) score_heads.push_back(JobHead{job_index, h});
+      score_jobs.push_back(JobHead{job_index, 0});
+      if (is_tova) {
+        device_job.tova_offset = tova_size;
+        tova_size += num_heads * plan.num_tokens;
+      }
     }
     if (plan.attention) {
       plan.num_chunks = static_cast<int>((plan.num_tokens + chunk_keys - 1) / chunk_keys);
@@ -495,6 +506,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const size_t column_items_at = arena.Add(column_items.size() * sizeof(AttentionItem));
   const size_t attention_heads_at = arena.Add(attention_heads.size() * sizeof(JobHead));
   const size_t score_heads_at = arena.Add(score_heads.size() * sizeof(JobHead));
+  const size_t score_jobs_at = arena.Add(score_jobs.size() * sizeof(JobHead));
   const size_t segments_at = arena.Add(segments.size() * sizeof(Segment));
   const size_t slices_at = arena.Add(slices.size() * sizeof(SliceItem));
   const size_t safeguard_segments_at = arena.Add(safeguard_segments.size() * sizeof(Segment));
@@ -503,6 +515,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const size_t partial_at = arena.Add(partial_size * sizeof(PartialStats));
   const size_t stats_at = arena.Add(stats_size * sizeof(RowStats));
   const size_t colsum_at = arena.Add(colsum_size * sizeof(float));
+  const size_t tova_at = arena.Add(tova_size * sizeof(double));
   const size_t scores_at = scores_only ? 0 : arena.Add(scores_size * sizeof(float));
   const size_t slice_counts_at = arena.Add(slices.size() * sizeof(SliceCounts));
   const size_t safeguard_counts_at = arena.Add(safeguard_slices.size() * sizeof(SliceCounts));
@@ -580,6 +593,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   CopyTable(host_tables, column_items_at, column_items);
   CopyTable(host_tables, attention_heads_at, attention_heads);
   CopyTable(host_tables, score_heads_at, score_heads);
+  CopyTable(host_tables, score_jobs_at, score_jobs);
   CopyTable(host_tables, segments_at, segments);
   CopyTable(host_tables, slices_at, slices);
   CopyTable(host_tables, safeguard_segments_at, safeguard_segments);
@@ -682,6 +696,27 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
                 params, num_score_heads, max_score_tokens, stream)));
           });
         });
+        break;
+      }
+      case ScorerKind::kTova: {
+        cuda::TovaParams params;
+        params.jobs = device_job_table;
+        params.job_heads = score_head_table;
+        params.stats = row_stats;
+        params.group_sums = reinterpret_cast<double*>(base + tova_at);
+        params.scores = scores;
+        params.shape = shape;
+        params.scale_log2 = scale_log2;
+        params.protection = protection;
+        KVC_DISPATCH_DTYPE(geometry.dtype, kDType, {
+          KVC_DISPATCH_HEAD_DIM(head_dim, kHeadDim, {
+            KVC_CUDA_RETURN_IF_ERROR((cuda::LaunchTovaGroupSums<kDType, kHeadDim>(
+                params, num_score_heads, max_score_tokens, stream)));
+          });
+        });
+        params.job_heads = reinterpret_cast<const JobHead*>(base + score_jobs_at);
+        KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchTovaCombine(
+            params, static_cast<int>(score_jobs.size()), max_score_tokens, stream));
         break;
       }
       case ScorerKind::kObserved: {

@@ -13,6 +13,7 @@ absl::Status CheckCudaMethodSupported(const MethodSpec& spec, int head_dim) {
     case ScorerKind::kStreaming:
     case ScorerKind::kKeyDiff:
     case ScorerKind::kObserved:
+    case ScorerKind::kTova:
       break;
     default:
       return absl::UnimplementedError(

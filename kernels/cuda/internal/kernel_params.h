@@ -46,6 +46,7 @@ struct DeviceJob {
   int32_t qblocks_per_member = 0;        // ceil(window / qblock_rows)
   int32_t num_score_heads = 0;           // rows of client_scores: H_kv, or H_q (group-reduced)
   int64_t colsum_offset = 0;             // column sums: [H_kv, G·qblocks_per_member, T] fp32
+  int64_t tova_offset = 0;  // TOVA: the last query's attention summed over a group, [H_kv, T] fp64
 };
 
 // A (job, KV head) pair.
@@ -134,6 +135,21 @@ struct KnormParams {
   const JobHead* job_heads = nullptr;  // blockIdx.y
   float* scores = nullptr;
   BatchShape shape;
+  Protection protection;
+};
+
+// TOVA: the last window query's softmax over all T keys (its statistics from the first
+// attention pass), summed over each KV head's group (TovaGroupSums, blockIdx.y over attention
+// heads), then over the KV heads and divided by H_q into one row every head shares
+// (TovaCombine, blockIdx.y over jobs).
+struct TovaParams {
+  const DeviceJob* jobs = nullptr;
+  const JobHead* job_heads = nullptr;  // blockIdx.y
+  const RowStats* stats = nullptr;
+  double* group_sums = nullptr;
+  float* scores = nullptr;
+  BatchShape shape;
+  float scale_log2 = 0;
   Protection protection;
 };
 
@@ -289,6 +305,11 @@ cudaError_t LaunchStatsCombine(const StatsCombineParams& params, int num_job_hea
                                cudaStream_t stream);
 cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream);
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchTovaGroupSums(const TovaParams& params, int num_job_heads, int64_t max_tokens,
+                                cudaStream_t stream);
+cudaError_t LaunchTovaCombine(const TovaParams& params, int num_jobs, int64_t max_tokens,
+                              cudaStream_t stream);
 cudaError_t LaunchObservedScores(const ObservedScoreParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream);
 cudaError_t LaunchStreamingScores(const StreamingScoreParams& params, int num_job_heads,

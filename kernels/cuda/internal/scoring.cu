@@ -165,6 +165,91 @@ __global__ void KnormKernel(const KnormParams params) {
       score;
 }
 
+// TOVA, first step: for each key j, Σ_g softmax_g(j) of the last sent query of each group
+// member, in fp64. The softmax statistics are the first attention pass's (the last window row
+// sees every key); the logits are recomputed here in fp32 from the same inputs.
+template <DType kDType, int kHeadDim>
+__global__ void TovaGroupSumsKernel(const TovaParams params) {
+  using Rows = StagedKeyRows<kDType, kHeadDim>;
+  using Traits = ElementTraits<kDType>;
+  constexpr int kMembersPerRound = 8;  // query rows staged at once (shared memory)
+  __shared__ Rows rows;
+  __shared__ float queries[kMembersPerRound][kHeadDim];
+  __shared__ RowStats row_stats[kMembersPerRound];
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * Rows::kTokens;
+  if (first >= num_tokens) return;
+  const int group_size = params.shape.group_size;
+  rows.Load(job, params.shape, job_head.head, first);
+  const int64_t token = first + threadIdx.x;
+  const bool valid = token < num_tokens;
+  double sum = 0.0;
+  for (int first_member = 0; first_member < group_size; first_member += kMembersPerRound) {
+    const int members = min(kMembersPerRound, group_size - first_member);
+    __syncthreads();  // the previous round's queries are read
+    for (int index = threadIdx.x; index < members * kHeadDim; index += blockDim.x) {
+      const int member = index / kHeadDim;
+      const int d = index % kHeadDim;
+      const int64_t query_head =
+          static_cast<int64_t>(job_head.head) * group_size + first_member + member;
+      const std::byte* row =
+          job.queries + (query_head * job.num_sent + (job.num_sent - 1)) * kHeadDim * Traits::kSize;
+      if constexpr (Traits::kIsFloat32) {
+        queries[member][d] = reinterpret_cast<const float*>(row)[d];
+      } else {
+        const uint16_t bits = reinterpret_cast<const uint16_t*>(row)[d];
+        queries[member][d] = Traits::kIsBFloat16 ? BFloat16ToFloat(bits) : Float16ToFloat(bits);
+      }
+    }
+    if (static_cast<int>(threadIdx.x) < members) {
+      // Row g·window + (window − 1) of this head: the last window query of member g.
+      const int64_t row =
+          (static_cast<int64_t>(job_head.head) * group_size + first_member + threadIdx.x) *
+              job.window +
+          job.window - 1;
+      row_stats[threadIdx.x] = params.stats[job.stats_offset + row];
+    }
+    __syncthreads();
+    if (!valid) continue;
+    for (int member = 0; member < members; ++member) {
+      float dot = 0.0f;
+      for (int d = 0; d < kHeadDim; ++d) {
+        dot = fmaf(queries[member][d], rows.At(threadIdx.x, d), dot);
+      }
+      const RowStats stats = row_stats[member];
+      sum += static_cast<double>(exp2f(dot * params.scale_log2 - stats.max_x)) * stats.inv_sum;
+    }
+  }
+  if (!valid) return;
+  params.group_sums[job.tova_offset + static_cast<int64_t>(job_head.head) * num_tokens + token] =
+      sum;
+}
+
+// TOVA, second step: score_j = Σ_h group_sums[h, j] / H_q for j < T − 1, +inf for the last
+// token; one row repeated for every head.
+__global__ void TovaCombineKernel(const TovaParams params) {
+  const JobHead job_head = params.job_heads[blockIdx.y];
+  const DeviceJob& job = params.jobs[job_head.job];
+  const int64_t num_tokens = job.num_tokens;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (token >= num_tokens) return;
+  const int num_heads = params.shape.num_kv_heads;
+  float score = INFINITY;
+  if (token + 1 < num_tokens) {
+    double total = 0.0;
+    for (int h = 0; h < num_heads; ++h) {
+      total += params.group_sums[job.tova_offset + static_cast<int64_t>(h) * num_tokens + token];
+    }
+    score = static_cast<float>(total / (num_heads * params.shape.group_size));
+  }
+  if (IsProtected(params.protection, token, num_tokens)) score = INFINITY;
+  for (int h = 0; h < num_heads; ++h) {
+    params.scores[job.score_offset + static_cast<int64_t>(h) * num_tokens + token] = score;
+  }
+}
+
 // The thresholds torch's F.normalize and F.cosine_similarity clamp norms to (as the CPU).
 constexpr double kNormalizeEps = 1e-12;
 constexpr double kCosineEps = 1e-8;
@@ -295,6 +380,24 @@ cudaError_t LaunchSnapKvFinalize(const SnapKvFinalizeParams& params, int num_job
   return cudaGetLastError();
 }
 
+cudaError_t LaunchTovaCombine(const TovaParams& params, int num_jobs, int64_t max_tokens,
+                              cudaStream_t stream) {
+  if (num_jobs == 0) return cudaSuccess;
+  TovaCombineKernel<<<TokenGrid(max_tokens, kScoreThreads, num_jobs), kScoreThreads, 0, stream>>>(
+      params);
+  return cudaGetLastError();
+}
+
+template <DType kDType, int kHeadDim>
+cudaError_t LaunchTovaGroupSums(const TovaParams& params, int num_job_heads, int64_t max_tokens,
+                                cudaStream_t stream) {
+  if (num_job_heads == 0) return cudaSuccess;
+  constexpr int kTokens = StagedKeyRows<kDType, kHeadDim>::kTokens;
+  TovaGroupSumsKernel<kDType, kHeadDim>
+      <<<TokenGrid(max_tokens, kTokens, num_job_heads), kTokens, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchObservedScores(const ObservedScoreParams& params, int num_job_heads,
                                  int64_t max_tokens, cudaStream_t stream) {
   if (num_job_heads == 0) return cudaSuccess;
@@ -336,6 +439,8 @@ cudaError_t LaunchKeyDiffScores(const KeyDiffParams& params, int num_job_heads, 
   template cudaError_t LaunchKnormScores<dtype, head_dim>(const KnormParams&, int, int64_t,     \
                                                           cudaStream_t);                        \
   template cudaError_t LaunchKeyDiffScores<dtype, head_dim>(const KeyDiffParams&, int, int64_t, \
+                                                            cudaStream_t);                      \
+  template cudaError_t LaunchTovaGroupSums<dtype, head_dim>(const TovaParams&, int, int64_t,    \
                                                             cudaStream_t);
 
 KVC_INSTANTIATE_KNORM(DType::kFloat16, 64)
