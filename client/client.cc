@@ -531,6 +531,67 @@ absl::Status CompressSession::SendLayer(uint32_t sequence, uint32_t layer,
   return SendTensor(sequence, layer, v1::TENSOR_KIND_SCORES, tensors.scores);
 }
 
+absl::Status CompressSession::SendLayerReady(uint32_t sequence, uint32_t layer,
+                                             const LayerRegions& regions) {
+  if (header_.transport() != v1::TRANSPORT_CUDA_IPC) {
+    return absl::FailedPreconditionError(
+        "SendLayerReady needs a session whose header has transport TRANSPORT_CUDA_IPC and a "
+        "channel_id; inline sessions use SendLayer");
+  }
+  if (sequence >= static_cast<uint32_t>(header_.sequences_size()) ||
+      layer >= static_cast<uint32_t>(num_layers_)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SendLayerReady(sequence ", sequence, ", layer ", layer, "): the header has ",
+                     header_.sequences_size(), " sequences of ", num_layers_, " layers"));
+  }
+  const LayerTensorBytes expected = ExpectedLayerBytes(header_, static_cast<int>(sequence));
+  const std::string where = absl::StrCat("sequence ", sequence, " layer ", layer);
+  auto check = [&](absl::string_view name, const std::optional<RegionSlice>& slice, uint64_t want) {
+    const uint64_t got = slice.has_value() ? slice->bytes : 0;
+    if (got == want && slice.has_value() == (want > 0)) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, " ", name, ": expected ",
+                     want > 0 ? absl::StrCat(want, " bytes") : std::string("no slice"),
+                     " for the header's shape, got ",
+                     slice.has_value() ? absl::StrCat(got, " bytes") : std::string("none")));
+  };
+  if (absl::Status s = check("keys", regions.keys, expected.keys); !s.ok()) return s;
+  if (absl::Status s = check("values", regions.values, expected.keys); !s.ok()) return s;
+  if (absl::Status s = check("queries", regions.queries, expected.queries); !s.ok()) return s;
+  if (absl::Status s = check("scores", regions.scores, expected.scores); !s.ok()) return s;
+  v1::CompressRequest request;
+  v1::LayerReady& ready = *request.mutable_layer_ready();
+  ready.set_sequence(sequence);
+  ready.set_layer(layer);
+  const auto put = [](const std::optional<RegionSlice>& slice, v1::RegionSlice* out) {
+    out->set_region(slice->region);
+    out->set_offset(slice->offset);
+    out->set_bytes(slice->bytes);
+  };
+  put(regions.keys, ready.mutable_keys());
+  put(regions.values, ready.mutable_values());
+  if (regions.queries.has_value()) put(regions.queries, ready.mutable_queries());
+  if (regions.scores.has_value()) put(regions.scores, ready.mutable_scores());
+  bool written = false;
+  {
+    absl::MutexLock lock(&write_mu_);
+    if (sent_[sequence][layer]) {
+      return absl::InvalidArgumentError(absl::StrCat(where, " was already sent"));
+    }
+    sent_[sequence][layer] = true;
+    if (!writes_closed_) written = stream_->Write(request);
+  }
+  if (!written) {
+    absl::Status status = WaitForEnd();
+    if (status.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, ": the stream is already finished (SendLayerReady after Finish)"));
+    }
+    return status;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CompressSession::SendTensor(uint32_t sequence, uint32_t layer, v1::TensorKind kind,
                                          std::span<const std::byte> bytes) {
   v1::CompressRequest request;
@@ -710,6 +771,38 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo(absl::Duration deadline) {
   grpc::Status status = stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info);
   if (!status.ok()) return FromGrpcStatus(status);
   return info;
+}
+
+absl::StatusOr<v1::OpenChannelResponse> Client::OpenChannel(const v1::OpenChannelRequest& request,
+                                                            absl::Duration deadline) {
+  grpc::ClientContext context;
+  SetDeadline(context, Resolve(deadline, options_));
+  if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
+  v1::OpenChannelResponse response;
+  grpc::Status status = stub_->OpenChannel(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::Status Client::CloseChannel(const std::string& channel_id, absl::Duration deadline) {
+  grpc::ClientContext context;
+  SetDeadline(context, Resolve(deadline, options_));
+  if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
+  v1::CloseChannelRequest request;
+  request.set_channel_id(channel_id);
+  v1::CloseChannelResponse response;
+  return FromGrpcStatus(stub_->CloseChannel(&context, request, &response));
+}
+
+absl::StatusOr<v1::RegisterRegionResponse> Client::RegisterRegion(
+    const v1::RegisterRegionRequest& request, absl::Duration deadline) {
+  grpc::ClientContext context;
+  SetDeadline(context, Resolve(deadline, options_));
+  if (!authorization_.empty()) context.AddMetadata("authorization", authorization_);
+  v1::RegisterRegionResponse response;
+  grpc::Status status = stub_->RegisterRegion(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
 }
 
 absl::StatusOr<std::unique_ptr<CompressSession>> Client::StartCompress(v1::CompressHeader header,

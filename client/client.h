@@ -103,6 +103,23 @@ struct LayerTensors {
   std::span<const std::byte> scores;   // [score_heads, T] fp32 little-endian; or empty
 };
 
+// Bytes [offset, offset + bytes) of a region registered on a cuda_ipc channel (see
+// client/cuda_ipc_channel.h, which registers device memory and computes slices).
+struct RegionSlice {
+  uint32_t region = 0;
+  uint64_t offset = 0;  // a multiple of 16
+  uint64_t bytes = 0;
+};
+
+// One layer of one sequence lying in registered device memory (cuda_ipc): the same tensors
+// as LayerTensors. The memory must stay valid and unchanged until the layer's result arrives.
+struct LayerRegions {
+  std::optional<RegionSlice> keys;
+  std::optional<RegionSlice> values;
+  std::optional<RegionSlice> queries;  // exactly when W > 0
+  std::optional<RegionSlice> scores;   // exactly when the sequence has score heads
+};
+
 // The compressed cache of one layer of one sequence, as the server returned it.
 // RAGGED: keys/values [Σ kept, D], positions/merged [Σ kept], heads in order.
 // PADDED: keys/values [H_kv, max_kept, D], positions/merged [H_kv, max_kept] (−1 / 0 past
@@ -163,6 +180,12 @@ class CompressSession final {
   // sequence or layer, a layer sent twice or sizes that do not match the header. When the
   // stream has failed, returns the stream's final status (as Finish would).
   absl::Status SendLayer(uint32_t sequence, uint32_t layer, const LayerTensors& tensors);
+
+  // cuda_ipc sessions (header transport TRANSPORT_CUDA_IPC with a channel_id): announces
+  // that one layer lies in the channel's regions; the server reads it in place. Same checks
+  // as SendLayer (sizes against the header, each layer once); the server checks the regions'
+  // bounds and alignment.
+  absl::Status SendLayerReady(uint32_t sequence, uint32_t layer, const LayerRegions& regions);
 
   // The next finished layer, blocking until one arrives; nullopt once the summary has
   // arrived and every result was handed out; the stream's error when it failed.
@@ -274,6 +297,15 @@ class Client final {
   // what the SDK needs to check sizes (geometry, dtype, layout, at least one sequence).
   absl::StatusOr<std::unique_ptr<CompressSession>> StartCompress(v1::CompressHeader header,
                                                                  SessionOptions options = {});
+
+  // Data-plane channels of GPU transports (the RPCs as they are; client/cuda_ipc_channel.h
+  // wraps them for cuda_ipc). Zero deadline: the default.
+  absl::StatusOr<v1::OpenChannelResponse> OpenChannel(
+      const v1::OpenChannelRequest& request, absl::Duration deadline = absl::ZeroDuration());
+  absl::Status CloseChannel(const std::string& channel_id,
+                            absl::Duration deadline = absl::ZeroDuration());
+  absl::StatusOr<v1::RegisterRegionResponse> RegisterRegion(
+      const v1::RegisterRegionRequest& request, absl::Duration deadline = absl::ZeroDuration());
 
   const ClientOptions& options() const { return options_; }
 

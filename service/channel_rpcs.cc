@@ -63,7 +63,8 @@ absl::Status CheckChannelAccess(const ChannelEnvironment& environment, const Cal
         "TRANSPORT_INLINE");
   }
   if (!environment.allow_cuda_ipc) {
-    return absl::FailedPreconditionError(
+    // UNIMPLEMENTED: "not supported/enabled in this service" (gRPC's status code guide).
+    return absl::UnimplementedError(
         "transport cuda_ipc is disabled on this kvcd; the operator enables it with "
         "--allow_cuda_ipc (KVCD_ALLOW_CUDA_IPC=true)");
   }

@@ -3,9 +3,9 @@
 // KvCompressService wraps them after authenticating the call.
 //
 // Who may open a channel (DESIGN §7 "GPU transports only for authenticated peers"):
-//  - the transport must be built (UNIMPLEMENTED otherwise) and enabled by the operator
-//    (cuda_ipc: --allow_cuda_ipc; FAILED_PRECONDITION otherwise), and kvcd must run the CUDA
-//    backend (FAILED_PRECONDITION);
+//  - the transport must be built and enabled by the operator (cuda_ipc: --allow_cuda_ipc),
+//    else UNIMPLEMENTED ("not supported/enabled in this service", gRPC's definition), and
+//    kvcd must run the CUDA backend (FAILED_PRECONDITION);
 //  - the peer must be authenticated (bearer token or verified client certificate), else
 //    UNAUTHENTICATED — with one exception: a kvcd that requires no authentication at all
 //    (neither --auth_token_file nor --tls_client_ca) and was started with --allow_cuda_ipc

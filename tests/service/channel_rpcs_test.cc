@@ -123,7 +123,7 @@ TEST_F(ChannelRpcsTest, RefusalsSayWhy) {
   // ... but not without --allow_cuda_ipc.
   environment_.allow_cuda_ipc = false;
   absl::Status disabled = OpenChannel(environment_, token_, Request()).status();
-  EXPECT_EQ(disabled.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(disabled.code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(disabled.message(), HasSubstr("--allow_cuda_ipc"));
   environment_.allow_cuda_ipc = true;
   // Without the cuda backend.

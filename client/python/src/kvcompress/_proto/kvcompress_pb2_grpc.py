@@ -83,8 +83,9 @@ class KvCompressServicer(object):
         """Opens a data-plane channel for a GPU transport (cuda_ipc in this version). A channel
         belongs to the authenticated client that opened it, lives until CloseChannel or until it
         has been idle (no call naming it, no stream using it) for its idle timeout, and holds
-        every resource of the transport (opened IPC handles). FAILED_PRECONDITION when the
-        transport is disabled on this kvcd, UNAUTHENTICATED for unauthenticated peers (unless
+        every resource of the transport (opened IPC handles). UNIMPLEMENTED when the transport is
+        not built or not enabled (--allow_cuda_ipc), FAILED_PRECONDITION when kvcd does not run
+        the cuda backend, UNAUTHENTICATED for unauthenticated peers (unless
         kvcd runs with no authentication at all), RESOURCE_EXHAUSTED past --max_channels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
