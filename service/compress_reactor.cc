@@ -1,6 +1,5 @@
 #include "service/compress_reactor.h"
 
-#include <cstdio>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -83,7 +82,10 @@ void CompressReactor::OnReadDone(bool ok) {
         Fail(absl::InvalidArgumentError(
                  "stream ended before the header; a Compress stream starts with a header"),
              ErrorReason::kMalformedStream);
-      } else if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) {
+      } else if (absl::Status complete = ready_assembler_ != nullptr
+                                             ? ready_assembler_->CheckComplete()
+                                             : assembler_->CheckComplete();
+                 !complete.ok()) {
         Fail(std::move(complete), ErrorReason::kMalformedStream);
       } else {
         reads_done_ = true;
@@ -120,15 +122,30 @@ void CompressReactor::OnReadDone(bool ok) {
       if (spec.ok()) method_label = std::string(ScorerName(spec->scorer));
     }
     absl::StatusOr<ValidatedHeader> validated =
-        ValidateHeader(request_, environment_.limits, environment_.backend);
+        ValidateHeader(request_, environment_.limits, *environment_.backends);
     if (validated.ok()) {
       transport_label = TransportLabel(request_.header().transport());
       new_header = std::make_unique<ValidatedHeader>(std::move(validated).value());
       assembler_ = std::make_unique<StreamAssembler>(new_header->geometry, new_header->sequences,
                                                      environment_.memory);
+      if (request_.header().transport() == v1::TRANSPORT_CUDA_IPC) {
+        status = StartCudaIpc(request_.header(), *new_header);
+        if (!status.ok()) reason = HeaderErrorReason(request_, status);
+      }
     } else {
       status = validated.status();
       reason = HeaderErrorReason(request_, status);
+    }
+  } else if (ready_assembler_ != nullptr) {
+    absl::StatusOr<DeviceLayerInput> ready = ready_assembler_->AddRequest(request_);
+    if (ready.ok()) {
+      chunk_bytes = ready_assembler_->bytes_received() - device_bytes_announced_;
+      device_bytes_announced_ = ready_assembler_->bytes_received();
+      completed.emplace();
+      completed->device = *ready;
+    } else {
+      status = ready.status();
+      reason = ErrorReason::kMalformedStream;
     }
   } else {
     if (request_.has_chunk()) chunk_bytes = request_.chunk().data().size();
@@ -161,6 +178,7 @@ void CompressReactor::OnReadDone(bool ok) {
     transport_label_ = std::move(transport_label);
     header_time_ = Clock::now();
     header_ = std::move(new_header);
+    NoteBackendRoute();
   }
   if (chunk_bytes > 0) {
     bytes_in_ += chunk_bytes;
@@ -199,7 +217,8 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
   }
   absl::StatusOr<std::vector<LayerResult>> results =
       skip ? absl::StatusOr<std::vector<LayerResult>>(absl::CancelledError("stream ended"))
-           : header_->pipeline->AddLayer(std::move(layer.input));
+      : layer.device.has_value() ? CompressDevice(*layer.device)
+                                 : header_->pipeline->AddLayer(std::move(layer.input));
   layer.input = LayerInput();
   layer.reservation.Release();
   const Clock::time_point compressed_at = Clock::now();
@@ -373,6 +392,55 @@ void CompressReactor::Continue() {
   }
 }
 
+absl::Status CompressReactor::StartCudaIpc(const v1::CompressHeader& header,
+                                           const ValidatedHeader& validated) {
+  absl::StatusOr<ChannelLease> lease =
+      AcquireStreamChannel(environment_.channels, identity_, header);
+  if (!lease.ok()) return lease.status();
+  if (validated.backend != environment_.channels.device_backend) {
+    return absl::UnimplementedError(absl::StrCat(
+        "transport cuda_ipc runs on kvcd's cuda backend, which cannot run this request (",
+        validated.backend_passed_over.message(), "); send it with TRANSPORT_INLINE"));
+  }
+  if (validated.spec.layer_budget == LayerBudgetKind::kDynamic) {
+    return absl::UnimplementedError(
+        "transport cuda_ipc: dynamic layer budgets are not implemented for device-resident "
+        "layers yet; use uniform or pyramid budgets, or TRANSPORT_INLINE");
+  }
+  channel_ = std::move(lease).value();
+  ready_assembler_ = std::make_unique<LayerReadyAssembler>(validated.geometry, validated.sequences,
+                                                           *channel_.get());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<LayerResult>> CompressReactor::CompressDevice(
+    const DeviceLayerInput& input) {
+  const int64_t tokens_per_head = header_->pipeline->LayerTokenBudget(input.layer, input.shape);
+  const bool keep_all =
+      IsSkippedLayer(header_->spec, input.layer) || tokens_per_head >= input.shape.num_tokens;
+  absl::StatusOr<LayerResult> result = CompressDeviceLayer(
+      *header_->backend, header_->geometry, header_->spec, input, tokens_per_head, keep_all);
+  if (!result.ok()) return result.status();
+  std::vector<LayerResult> results;
+  results.push_back(std::move(result).value());
+  return results;
+}
+
+void CompressReactor::NoteBackendRoute() {
+  const bool fallback = !header_->backend_passed_over.ok();
+  if (environment_.metrics != nullptr) {
+    environment_.metrics->backend_requests.Increment(
+        {std::string(header_->backend->name()), fallback ? "fallback" : "preferred"});
+  }
+  if (fallback && environment_.log != nullptr) {
+    // One line per request: operators need to see which traffic misses the GPU and why.
+    environment_.log->Emit("backend_fallback",
+                           {{"request_id", header_->request_id},
+                            {"backend", std::string(header_->backend->name())},
+                            {"reason", std::string(header_->backend_passed_over.message())}});
+  }
+}
+
 void CompressReactor::FillSummary(v1::CompressSummary& summary) {
   const Clock::time_point now = Clock::now();
   summary.set_request_id(header_->request_id);
@@ -380,7 +448,7 @@ void CompressReactor::FillSummary(v1::CompressSummary& summary) {
   summary.set_tokens_kept(tokens_kept_);
   summary.set_bytes_in(bytes_in_);
   summary.set_bytes_out(bytes_out_);
-  summary.set_backend(std::string(environment_.backend->name()));
+  summary.set_backend(std::string(header_->backend->name()));
   v1::StageTimings& timings = *summary.mutable_timings();
   timings.set_receive_seconds(Seconds(receive_end_ - header_time_));
   timings.set_queue_seconds(queue_seconds_);

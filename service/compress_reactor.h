@@ -38,10 +38,14 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
+#include "service/backend_router.h"
 #include "service/call_authenticator.h"
+#include "service/channel_rpcs.h"
+#include "service/cuda_ipc_transport.h"
 #include "service/header_validation.h"
 #include "service/internal/encoded_layer_result.h"
 #include "service/internal/service_metrics.h"
+#include "service/layer_ready_assembler.h"
 #include "service/layer_scheduler.h"
 #include "service/memory_budget.h"
 #include "service/server_limits.h"
@@ -52,7 +56,7 @@ namespace kvcompress {
 
 // Server-lifetime objects every Compress stream uses; all must outlive the reactors.
 struct CompressEnvironment {
-  Backend* backend = nullptr;
+  const BackendRouter* backends = nullptr;
   LayerScheduler* scheduler = nullptr;
   MemoryBudget* memory = nullptr;
   ServiceMetrics* metrics = nullptr;  // may be null
@@ -63,6 +67,8 @@ struct CompressEnvironment {
   const CallAuthenticator* authenticator = nullptr;
   // Receives one "compress" event per finished stream; may be null.
   StructuredLog* log = nullptr;
+  // Data-plane channels of GPU transports (cuda_ipc streams lease theirs).
+  ChannelEnvironment channels;
 };
 
 class CompressReactor final
@@ -95,12 +101,19 @@ class CompressReactor final
   void RunLayerJob(AssembledLayer layer, Clock::time_point enqueued);
 
   void Enqueue(AssembledLayer layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // cuda_ipc header: leases the channel the header names and checks the request runs on the
+  // cuda backend with a per-layer budget (read path).
+  absl::Status StartCudaIpc(const v1::CompressHeader& header, const ValidatedHeader& validated);
+  // Runs on a worker: one device-resident layer through the cuda backend's device path.
+  absl::StatusOr<std::vector<LayerResult>> CompressDevice(const DeviceLayerInput& input);
   // Ends the stream with `status` (first error wins; `reason` labels kvcompress_errors_total);
   // Continue finishes once it is safe.
   void Fail(absl::Status status, ErrorReason reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The one place that starts reads, writes and Finish, according to the state.
   void Continue() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ReadsPaused() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts (and logs a fallback of) the backend the header chose.
+  void NoteBackendRoute() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FillSummary(v1::CompressSummary& summary) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RecordOutcome(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -121,6 +134,11 @@ class CompressReactor final
   // request_ and assembler_.
   v1::CompressRequest request_;
   std::unique_ptr<StreamAssembler> assembler_;
+  // cuda_ipc streams: the channel, leased until the reactor is deleted (after every job has
+  // ended), and the assembler of its LayerReady messages (read path).
+  ChannelLease channel_;
+  std::unique_ptr<LayerReadyAssembler> ready_assembler_;
+  uint64_t device_bytes_announced_ = 0;
 
   // Written once, under mu_, when the header is accepted (before the first job exists);
   // immutable afterwards, so workers read it without the lock.

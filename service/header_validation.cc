@@ -52,8 +52,9 @@ absl::Status ValidateTransport(v1::Transport transport) {
     case v1::TRANSPORT_INLINE:
       return absl::OkStatus();
     case v1::TRANSPORT_CUDA_IPC:
-      return absl::UnimplementedError(
-          "transport cuda_ipc is not available in this build; use TRANSPORT_INLINE");
+      // The stream's channel (and whether cuda_ipc is built and enabled) is checked when the
+      // reactor leases it (service/channel_rpcs.h).
+      return absl::OkStatus();
     case v1::TRANSPORT_NCCL:
       return absl::UnimplementedError(
           "transport nccl is not available in this build; use TRANSPORT_INLINE");
@@ -119,7 +120,8 @@ uint64_t RequestTensorBytes(const CacheGeometry& geometry,
 }
 
 absl::StatusOr<ValidatedHeader> ValidateHeader(const v1::CompressRequest& request,
-                                               const ServerLimits& limits, Backend* backend) {
+                                               const ServerLimits& limits,
+                                               const BackendRouter& backends) {
   if (request.payload_case() != v1::CompressRequest::kHeader) {
     return absl::InvalidArgumentError(absl::StrCat(
         "first message: expected the header (CompressRequest.header), got ",
@@ -157,7 +159,10 @@ absl::StatusOr<ValidatedHeader> ValidateHeader(const v1::CompressRequest& reques
   KVC_RETURN_IF_ERROR(CheckLimits(result.geometry, result.sequences, limits, result.request_bytes));
 
   KVC_ASSIGN_OR_RETURN(result.spec, MethodSpecFromProto(header.method()));
-  KVC_ASSIGN_OR_RETURN(result.pipeline, CompressionPipeline::Create(backend, result.geometry,
+  KVC_ASSIGN_OR_RETURN(BackendRoute route, backends.Choose(result.spec, result.geometry.head_dim));
+  result.backend = route.backend;
+  result.backend_passed_over = std::move(route.passed_over);
+  KVC_ASSIGN_OR_RETURN(result.pipeline, CompressionPipeline::Create(result.backend, result.geometry,
                                                                     result.spec, result.sequences));
   return result;
 }

@@ -3,7 +3,7 @@
 //
 // Order of checks: the message is a header; geometry (GeometryFromProto); at least one
 // sequence, each with num_tokens ≥ 1, num_window_queries ≤ num_tokens and num_score_heads
-// in {0, H_kv, H_q}; transport (inline only in this build); output format; server limits
+// in {0, H_kv, H_q}; transport (inline, or cuda_ipc whose channel the reactor checks; nccl is UNIMPLEMENTED); output format; server limits
 // (sequences, layers, tokens per sequence, total tensor bytes); the method
 // (MethodSpecFromProto, then CompressionPipeline::Create, which checks it against the
 // geometry and every sequence).
@@ -25,6 +25,7 @@
 #include "kernels/compression_pipeline.h"
 #include "kernels/method_spec.h"
 #include "kvcompress/v1/kvcompress.pb.h"
+#include "service/backend_router.h"
 #include "service/server_limits.h"
 
 namespace kvcompress {
@@ -38,13 +39,18 @@ struct ValidatedHeader {
   bool padded_output = false;  // OUTPUT_FORMAT_PADDED
   bool return_merged_counts = false;
   uint64_t request_bytes = 0;  // tensor bytes the stream will carry
+  // The backend that compresses this request, and why the preferred one did not (OK when it
+  // did).
+  Backend* backend = nullptr;
+  absl::Status backend_passed_over;
   std::unique_ptr<CompressionPipeline> pipeline;
 };
 
-// Validates `request` as the first message of a stream and creates its pipeline on
-// `backend` (which must outlive the pipeline).
+// Validates `request` as the first message of a stream, picks its backend with `backends`
+// and creates its pipeline there (the router must outlive the pipeline).
 absl::StatusOr<ValidatedHeader> ValidateHeader(const v1::CompressRequest& request,
-                                               const ServerLimits& limits, Backend* backend);
+                                               const ServerLimits& limits,
+                                               const BackendRouter& backends);
 
 // A fresh request id, "kvcd-<process tag>-<counter>", for requests that name none.
 std::string GenerateRequestId();

@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "kernels/cuda_backend.h"
 #include "service/internal/server_info.h"
 #include "service/internal/service_metrics.h"
 
@@ -38,6 +40,41 @@ int ThreadsOrHardware(int threads) {
   return hardware > 0 ? static_cast<int>(hardware) : 1;
 }
 
+// The backends of options.backend_kind, in order of preference. `note` receives why "auto"
+// fell back to the CPU.
+absl::StatusOr<std::vector<std::unique_ptr<Backend>>> MakeBackends(ServerOptions& options,
+                                                                   int backend_threads,
+                                                                   std::string& note) {
+  std::vector<std::unique_ptr<Backend>> backends;
+  if (options.backend != nullptr) {
+    backends.push_back(std::move(options.backend));
+    return backends;
+  }
+  const std::string& kind = options.backend_kind;
+  if (kind != "cpu" && kind != "cuda" && kind != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend \"", kind, "\" is unknown; expected cpu, cuda or auto"));
+  }
+  if (kind != "cpu") {
+    CudaBackendOptions cuda_options;
+    cuda_options.device = options.cuda_device;
+    cuda_options.memory_budget_bytes = options.cuda_memory_budget_bytes;
+    absl::StatusOr<std::unique_ptr<Backend>> cuda = MakeCudaBackend(cuda_options);
+    if (cuda.ok()) {
+      backends.push_back(std::move(cuda).value());
+    } else if (kind == "cuda") {
+      return absl::Status(cuda.status().code(),
+                          absl::StrCat("--backend=cuda: ", cuda.status().message()));
+    } else {
+      note = absl::StrCat("no usable GPU, running the cpu backend: ", cuda.status().message());
+    }
+  }
+  // The CPU reference always follows: it runs every stage, so requests the GPU declines
+  // still get the exact answer.
+  backends.push_back(MakeCpuBackend(backend_threads));
+  return backends;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions options) {
@@ -58,8 +95,10 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
   const int backend_threads = options.backend_threads > 0
                                   ? options.backend_threads
                                   : std::max(1, ThreadsOrHardware(0) / worker_threads);
-  server->backend_ =
-      options.backend != nullptr ? std::move(options.backend) : MakeCpuBackend(backend_threads);
+  absl::StatusOr<std::vector<std::unique_ptr<Backend>>> backends =
+      MakeBackends(options, backend_threads, server->backend_note_);
+  if (!backends.ok()) return backends.status();
+  server->backends_ = std::make_unique<BackendRouter>(std::move(backends).value());
   server->scheduler_ = std::make_unique<LayerScheduler>(worker_threads);
   server->memory_ = std::make_unique<MemoryBudget>(
       options.max_buffered_bytes > 0 ? options.max_buffered_bytes : HalfOfPhysicalMemory());
@@ -82,7 +121,7 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
       [memory] { return static_cast<double>(memory->limit_bytes()); });
 
   CompressEnvironment environment;
-  environment.backend = server->backend_.get();
+  environment.backends = server->backends_.get();
   environment.scheduler = scheduler;
   environment.memory = memory;
   environment.metrics = server->service_metrics_.get();
@@ -95,9 +134,81 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
   server->client_certificates_verified_ = options.security.client_certificates_verified;
   environment.authenticator = server->authenticator_.get();
   environment.log = server->log_.get();
+
+  ChannelRegistryOptions channel_options;
+  channel_options.max_channels = options.max_channels;
+  channel_options.idle_timeout = absl::FromChrono(options.channel_idle_timeout);
+  server->channels_ = std::make_unique<ChannelRegistry>(channel_options);
+  // Idle channels hold the client's device memory open: reap them promptly, not only when
+  // the next channel call comes.
+  server->channels_->StartReaper(
+      std::clamp(channel_options.idle_timeout / 4, absl::Milliseconds(100), absl::Seconds(10)));
+  environment.channels.registry = server->channels_.get();
+  environment.channels.device_backend = &server->backends_->preferred();
+  if (environment.channels.device_backend->name() != "cuda") {
+    environment.channels.device_backend = nullptr;
+  }
+  environment.channels.allow_cuda_ipc = options.allow_cuda_ipc;
+  if (options.channel_resources_for_testing) {
+    environment.channels.cuda_ipc_resources = std::move(options.channel_resources_for_testing);
+    environment.channels.cuda_ipc_compiled = true;
+    environment.channels.device_backend = &server->backends_->preferred();
+  }
+  environment.channels.authentication_configured =
+      server->authenticator_->token_required() || options.security.client_certificates_verified;
+  if (options.allow_cuda_ipc && !environment.channels.cuda_ipc_compiled) {
+    server->log_->Emit("warning", {{"message",
+                                    "--allow_cuda_ipc: this kvcd was built without CUDA; "
+                                    "OpenChannel answers UNIMPLEMENTED"}});
+  } else if (options.allow_cuda_ipc && environment.channels.device_backend == nullptr) {
+    server->log_->Emit("warning", {{"message",
+                                    "--allow_cuda_ipc: kvcd runs the cpu backend; OpenChannel "
+                                    "answers FAILED_PRECONDITION until kvcd runs --backend=cuda"}});
+  }
+  if (options.allow_cuda_ipc && !environment.channels.authentication_configured) {
+    server->log_->Emit(
+        "warning",
+        {{"message",
+          "--allow_cuda_ipc without --auth_token_file or --tls_client_ca: every peer that "
+          "reaches the gRPC port may open cuda_ipc channels; listen on localhost or require "
+          "authentication"}});
+  }
+  const ChannelRegistry* channels = server->channels_.get();
+  server->registry_.AddLabeledGaugeCallback(
+      "kvcompress_channels_open", "Open data-plane channels of GPU transports, by transport.",
+      {"transport"}, [channels] {
+        LabeledCallbackGaugeFamily::Series series;
+        for (const char* transport : {"cuda_ipc", "nccl"}) {
+          series.push_back({{transport}, static_cast<double>(channels->OpenChannels(transport))});
+        }
+        return series;
+      });
+  const BackendRouter* router = server->backends_.get();
+  server->registry_.AddLabeledGaugeCallback(
+      "kvcompress_device_memory_bytes",
+      "Device memory of the GPU backend: state=in_use (held by requests now) or budget "
+      "(--cuda_memory_budget_bytes).",
+      {"device", "state"}, [router] {
+        LabeledCallbackGaugeFamily::Series series;
+        for (const Backend* backend : router->backends()) {
+          for (const BackendDevice& device : backend->Devices()) {
+            const std::string ordinal = absl::StrCat(device.ordinal);
+            series.push_back({{ordinal, "in_use"}, static_cast<double>(device.in_use_bytes)});
+            series.push_back({{ordinal, "budget"}, static_cast<double>(device.budget_bytes)});
+          }
+        }
+        return series;
+      });
   server->service_ = std::make_unique<KvCompressService>(
-      environment, BuildServerInfo(KVC_VERSION, std::string(server->backend_->name()),
-                                   options.limits, scheduler->num_threads()));
+      environment,
+      [router, limits = options.limits, threads = scheduler->num_threads(),
+       cuda_ipc = environment.channels.allow_cuda_ipc && environment.channels.cuda_ipc_compiled &&
+                  environment.channels.device_backend != nullptr] {
+        v1::ServerInfo info = BuildServerInfo(KVC_VERSION, router->backends(), limits, threads);
+        // Transports a client can use here: cuda_ipc when built, enabled and on the GPU.
+        if (cuda_ipc) info.add_transports(v1::TRANSPORT_CUDA_IPC);
+        return info;
+      });
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -21,7 +21,10 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
+#include "service/backend_router.h"
 #include "service/call_authenticator.h"
+#include "service/channel_registry.h"
+#include "service/channel_rpcs.h"
 #include "service/kvcompress_service.h"
 #include "service/layer_scheduler.h"
 #include "service/memory_budget.h"
@@ -50,7 +53,20 @@ struct ServerOptions {
   std::string auth_token;
   // Where events go (streams, auth failures, drain); null: a log writing to stderr.
   std::shared_ptr<StructuredLog> log;
-  // The backend to run; null: the CPU backend with backend_threads.
+  // Which backends to run: "cpu" (the CPU reference alone); "cuda" (the GPU, with the CPU
+  // reference for the stages the GPU lacks; Start fails without a usable GPU); "auto" (as
+  // "cuda" when a GPU is usable, else as "cpu").
+  std::string backend_kind = "cpu";
+  int cuda_device = 0;
+  uint64_t cuda_memory_budget_bytes = 0;  // 0: 90% of the device memory free at start
+  // Data-plane channels of GPU transports (service/channel_rpcs.h says who may open them).
+  bool allow_cuda_ipc = false;                     // --allow_cuda_ipc
+  std::chrono::seconds channel_idle_timeout{300};  // --channel_idle_timeout
+  size_t max_channels = 64;                        // --max_channels
+  // Tests: cuda_ipc channels get their resources from this (host memory), as if the build had
+  // cuda_ipc and kvcd ran a cuda backend, so the channel rules run over gRPC without a GPU.
+  ChannelResourceFactory channel_resources_for_testing;
+  // Tests: run exactly this backend (backend_kind is then ignored).
   std::unique_ptr<Backend> backend;
 };
 
@@ -70,7 +86,10 @@ class KvcServer final {
   bool auth_token_required() const { return authenticator_->token_required(); }
   const MetricsRegistry& metrics() const { return registry_; }
   int worker_threads() const { return scheduler_->num_threads(); }
-  std::string backend_name() const { return std::string(backend_->name()); }
+  // The preferred backend ("cuda" or "cpu").
+  std::string backend_name() const { return std::string(backends_->preferred().name()); }
+  // Why "auto" settled on the CPU (empty otherwise), for the start-up log.
+  const std::string& backend_note() const { return backend_note_; }
 
   // Drains and stops; streams still open after `deadline` are cancelled.
   void Shutdown(std::chrono::milliseconds deadline);
@@ -80,11 +99,14 @@ class KvcServer final {
 
   MetricsRegistry registry_;
   std::unique_ptr<ServiceMetrics> service_metrics_;
-  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<BackendRouter> backends_;
+  std::string backend_note_;
   std::unique_ptr<MemoryBudget> memory_;
   std::unique_ptr<LayerScheduler> scheduler_;
   std::shared_ptr<StructuredLog> log_;
   std::unique_ptr<CallAuthenticator> authenticator_;
+  // After the service and the gRPC server in destruction order: streams lease channels.
+  std::unique_ptr<ChannelRegistry> channels_;
   std::unique_ptr<KvCompressService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;

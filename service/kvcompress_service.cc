@@ -1,8 +1,10 @@
 #include "service/kvcompress_service.h"
 
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "service/channel_rpcs.h"
 #include "service/status_conversion.h"
 
 namespace kvcompress {
@@ -34,8 +36,9 @@ absl::StatusOr<CallIdentity> AuthenticateCall(const CompressEnvironment& environ
 
 }  // namespace
 
-KvCompressService::KvCompressService(const CompressEnvironment& environment, v1::ServerInfo info)
-    : environment_(environment), info_(std::move(info)) {}
+KvCompressService::KvCompressService(const CompressEnvironment& environment,
+                                     std::function<v1::ServerInfo()> server_info)
+    : environment_(environment), server_info_(std::move(server_info)) {}
 
 grpc::ServerUnaryReactor* KvCompressService::GetServerInfo(grpc::CallbackServerContext* context,
                                                            const v1::GetServerInfoRequest*,
@@ -47,7 +50,7 @@ grpc::ServerUnaryReactor* KvCompressService::GetServerInfo(grpc::CallbackServerC
     reactor->Finish(ToGrpcStatus(identity.status()));
     return reactor;
   }
-  *response = info_;
+  *response = server_info_();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -69,6 +72,59 @@ grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* KvCompressSe
   return new CompressReactor(
       context, environment_, std::move(admission), [this] { open_streams_.fetch_sub(1); },
       *std::move(identity));
+}
+
+namespace {
+
+// The three channel RPCs: authenticate, run `body` (returns absl::Status or StatusOr<Response>),
+// finish with its status.
+template <typename Response, typename Body>
+grpc::ServerUnaryReactor* RunChannelCall(const CompressEnvironment& environment,
+                                         grpc::CallbackServerContext* context,
+                                         absl::string_view rpc, Response* response, Body body) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::StatusOr<CallIdentity> identity = AuthenticateCall(environment, *context, rpc);
+  if (!identity.ok()) {
+    reactor->Finish(ToGrpcStatus(identity.status()));
+    return reactor;
+  }
+  auto result = body(*identity);
+  if constexpr (std::is_same_v<decltype(result), absl::Status>) {
+    reactor->Finish(ToGrpcStatus(result));
+  } else {
+    if (result.ok()) *response = *std::move(result);
+    reactor->Finish(ToGrpcStatus(result.status()));
+  }
+  return reactor;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* KvCompressService::OpenChannel(grpc::CallbackServerContext* context,
+                                                         const v1::OpenChannelRequest* request,
+                                                         v1::OpenChannelResponse* response) {
+  return RunChannelCall(environment_, context, "OpenChannel", response,
+                        [&](const CallIdentity& identity) {
+                          return kvcompress::OpenChannel(environment_.channels, identity, *request);
+                        });
+}
+
+grpc::ServerUnaryReactor* KvCompressService::CloseChannel(grpc::CallbackServerContext* context,
+                                                          const v1::CloseChannelRequest* request,
+                                                          v1::CloseChannelResponse* response) {
+  return RunChannelCall(
+      environment_, context, "CloseChannel", response, [&](const CallIdentity& identity) {
+        return kvcompress::CloseChannel(environment_.channels, identity, *request);
+      });
+}
+
+grpc::ServerUnaryReactor* KvCompressService::RegisterRegion(
+    grpc::CallbackServerContext* context, const v1::RegisterRegionRequest* request,
+    v1::RegisterRegionResponse* response) {
+  return RunChannelCall(
+      environment_, context, "RegisterRegion", response, [&](const CallIdentity& identity) {
+        return kvcompress::RegisterRegion(environment_.channels, identity, *request);
+      });
 }
 
 }  // namespace kvcompress

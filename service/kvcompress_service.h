@@ -1,6 +1,7 @@
 // KvCompressService: the kvcompress.v1.KvCompress callback service.
 //
-// GetServerInfo answers from a ServerInfo built once at start-up. Compress creates one
+// GetServerInfo answers from `server_info`, called per request (device memory in use is
+// current). Compress creates one
 // CompressReactor per stream; a stream beyond max_concurrent_streams, or any stream once
 // draining has started, is refused at once (RESOURCE_EXHAUSTED / UNAVAILABLE).
 //
@@ -20,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
 #include "service/compress_reactor.h"
@@ -28,7 +30,8 @@ namespace kvcompress {
 
 class KvCompressService final : public v1::KvCompress::CallbackService {
  public:
-  KvCompressService(const CompressEnvironment& environment, v1::ServerInfo info);
+  KvCompressService(const CompressEnvironment& environment,
+                    std::function<v1::ServerInfo()> server_info);
   KvCompressService(const KvCompressService&) = delete;
   KvCompressService& operator=(const KvCompressService&) = delete;
 
@@ -39,13 +42,24 @@ class KvCompressService final : public v1::KvCompress::CallbackService {
   grpc::ServerBidiReactor<v1::CompressRequest, v1::CompressResponse>* Compress(
       grpc::CallbackServerContext* context) override;
 
+  // Channels of GPU transports: service/channel_rpcs.h (after the same authentication).
+  grpc::ServerUnaryReactor* OpenChannel(grpc::CallbackServerContext* context,
+                                        const v1::OpenChannelRequest* request,
+                                        v1::OpenChannelResponse* response) override;
+  grpc::ServerUnaryReactor* CloseChannel(grpc::CallbackServerContext* context,
+                                         const v1::CloseChannelRequest* request,
+                                         v1::CloseChannelResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterRegion(grpc::CallbackServerContext* context,
+                                           const v1::RegisterRegionRequest* request,
+                                           v1::RegisterRegionResponse* response) override;
+
   // New streams are refused with UNAVAILABLE from now on.
   void StartDraining() { draining_.store(true); }
   uint32_t open_streams() const { return open_streams_.load(); }
 
  private:
   const CompressEnvironment environment_;
-  const v1::ServerInfo info_;
+  const std::function<v1::ServerInfo()> server_info_;
   std::atomic<uint32_t> open_streams_{0};
   std::atomic<bool> draining_{false};
 };

@@ -43,6 +43,14 @@ ABSL_FLAG(std::string, address, "0.0.0.0:50051",
           "gRPC listen address (host:port; port 0 picks one)");
 ABSL_FLAG(std::string, metrics_address, "0.0.0.0:9464",
           "Prometheus /metrics listen address (host:port; port 0 picks one; empty disables)");
+ABSL_FLAG(std::string, backend, "auto",
+          "cpu: the CPU reference backend only; cuda: the GPU (fails to start without one), "
+          "with the CPU backend for methods the GPU does not run; auto: cuda when a GPU is "
+          "usable, else cpu");
+ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal of the cuda backend");
+ABSL_FLAG(uint64_t, cuda_memory_budget_bytes, 0,
+          "device memory the cuda backend may hold at once; requests beyond it get "
+          "RESOURCE_EXHAUSTED (0: 90% of the device memory free at start)");
 ABSL_FLAG(int, worker_threads, 0, "layer jobs compressed in parallel (0: hardware threads)");
 ABSL_FLAG(int, backend_threads, 0,
           "threads of the CPU backend, shared by all layer jobs (0: hardware threads divided "
@@ -58,6 +66,13 @@ ABSL_FLAG(uint64_t, max_buffered_bytes, 0,
           "host bytes all request tensor buffers may hold together (0: half of RAM)");
 ABSL_FLAG(uint64_t, stream_buffer_bytes, uint64_t{512} << 20,
           "bytes one stream may hold before the server stops reading it until layers finish");
+ABSL_FLAG(
+    bool, allow_cuda_ipc, false,
+    "enable the cuda_ipc transport (same-node GPU-direct; needs --backend=cuda). Channels are "
+    "for authenticated peers only, unless kvcd requires no authentication at all");
+ABSL_FLAG(absl::Duration, channel_idle_timeout, absl::Minutes(5),
+          "close a data-plane channel unused for this long (also the most a client may ask for)");
+ABSL_FLAG(uint64_t, max_channels, 64, "most data-plane channels open at once");
 ABSL_FLAG(std::string, port_file, "", "write the bound gRPC port to this file once listening");
 ABSL_FLAG(std::string, metrics_port_file, "",
           "write the bound metrics port to this file once listening");
@@ -151,6 +166,13 @@ int main(int argc, char** argv) {
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.worker_threads = absl::GetFlag(FLAGS_worker_threads);
   options.backend_threads = absl::GetFlag(FLAGS_backend_threads);
+  options.backend_kind = absl::GetFlag(FLAGS_backend);
+  options.cuda_device = absl::GetFlag(FLAGS_cuda_device);
+  options.cuda_memory_budget_bytes = absl::GetFlag(FLAGS_cuda_memory_budget_bytes);
+  options.allow_cuda_ipc = absl::GetFlag(FLAGS_allow_cuda_ipc);
+  options.channel_idle_timeout = std::chrono::seconds(
+      std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_channel_idle_timeout))));
+  options.max_channels = absl::GetFlag(FLAGS_max_channels);
   options.limits.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   options.limits.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.limits.max_layers = absl::GetFlag(FLAGS_max_layers);
@@ -174,6 +196,10 @@ int main(int argc, char** argv) {
       kvcompress::KvcServer::Start(std::move(options));
   if (!server.ok()) return StartFailed(*log, server.status());
   kvcompress::KvcServer& kvcd = **server;
+  if (!kvcd.backend_note().empty()) {
+    log->Emit("backend_fallback",
+              {{"backend", kvcd.backend_name()}, {"reason", kvcd.backend_note()}});
+  }
 
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (!port_file.empty() && !WritePortFile(port_file, kvcd.port())) {
@@ -201,6 +227,10 @@ int main(int argc, char** argv) {
                                  ":", kvcd.metrics_port(), "/metrics")},
              {"backend", kvcd.backend_name()},
              {"worker_threads", kvcd.worker_threads()},
+             {"channels",
+              {{"cuda_ipc", absl::GetFlag(FLAGS_allow_cuda_ipc)},
+               {"idle_timeout_s", absl::ToInt64Seconds(absl::GetFlag(FLAGS_channel_idle_timeout))},
+               {"max_channels", absl::GetFlag(FLAGS_max_channels)}}},
              {"limits",
               {{"max_request_bytes", absl::GetFlag(FLAGS_max_request_bytes)},
                {"max_tokens", absl::GetFlag(FLAGS_max_tokens)},

@@ -114,6 +114,14 @@ void CallbackGaugeFamily::AppendExposition(std::string& out) const {
   absl::StrAppend(&out, name_, " ", FormatMetricValue(value_()), "\n");
 }
 
+void LabeledCallbackGaugeFamily::AppendExposition(std::string& out) const {
+  AppendHeader(out, "gauge");
+  for (const auto& [labels, value] : series_()) {
+    if (!LabelsMatch(labels)) continue;
+    absl::StrAppend(&out, name_, FormatLabels(labels), " ", FormatMetricValue(value), "\n");
+  }
+}
+
 HistogramFamily::HistogramFamily(std::string name, std::string help,
                                  std::vector<std::string> label_names,
                                  std::vector<double> upper_bounds)
@@ -190,6 +198,13 @@ void MetricsRegistry::AddGaugeCallback(std::string name, std::string help,
                                        std::function<double()> value) {
   Register(
       std::make_unique<CallbackGaugeFamily>(std::move(name), std::move(help), std::move(value)));
+}
+
+void MetricsRegistry::AddLabeledGaugeCallback(
+    std::string name, std::string help, std::vector<std::string> label_names,
+    std::function<LabeledCallbackGaugeFamily::Series()> series) {
+  Register(std::make_unique<LabeledCallbackGaugeFamily>(std::move(name), std::move(help),
+                                                        std::move(label_names), std::move(series)));
 }
 
 HistogramFamily& MetricsRegistry::AddHistogram(std::string name, std::string help,

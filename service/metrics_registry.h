@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -93,6 +94,21 @@ class CallbackGaugeFamily final : public MetricFamily {
   const std::function<double()> value_;
 };
 
+// A labelled gauge whose series a callback supplies at scrape time (one value per label set,
+// e.g. device memory per device and state).
+class LabeledCallbackGaugeFamily final : public MetricFamily {
+ public:
+  using Series = std::vector<std::pair<LabelValues, double>>;
+  LabeledCallbackGaugeFamily(std::string name, std::string help,
+                             std::vector<std::string> label_names, std::function<Series()> series)
+      : MetricFamily(std::move(name), std::move(help), std::move(label_names)),
+        series_(std::move(series)) {}
+  void AppendExposition(std::string& out) const override;
+
+ private:
+  const std::function<Series()> series_;
+};
+
 class HistogramFamily final : public MetricFamily {
  public:
   // `upper_bounds` ascending; +Inf is implicit.
@@ -132,6 +148,9 @@ class MetricsRegistry final {
   GaugeFamily& AddGauge(std::string name, std::string help,
                         std::vector<std::string> label_names = {});
   void AddGaugeCallback(std::string name, std::string help, std::function<double()> value);
+  void AddLabeledGaugeCallback(std::string name, std::string help,
+                               std::vector<std::string> label_names,
+                               std::function<LabeledCallbackGaugeFamily::Series()> series);
   HistogramFamily& AddHistogram(std::string name, std::string help,
                                 std::vector<double> upper_bounds,
                                 std::vector<std::string> label_names = {});

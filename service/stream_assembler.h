@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "kernels/cache_geometry.h"
 #include "kvcompress/v1/kvcompress.pb.h"
+#include "service/cuda_ipc_transport.h"
 #include "service/memory_budget.h"
 
 namespace kvcompress {
@@ -34,10 +35,12 @@ namespace kvcompress {
 // Tensor data bytes one TensorChunk may carry: 4 MiB − 1 KiB (the proto's kMaxChunkDataBytes).
 inline constexpr size_t kMaxChunkDataBytes = 4 * 1024 * 1024 - 1024;
 
-// A complete layer and the memory reservation covering its buffers.
+// A complete layer and the memory reservation covering its buffers; or, for GPU transports
+// (service/layer_ready_assembler.h), a layer left in device memory (`input` then empty).
 struct AssembledLayer {
   LayerInput input;
   MemoryReservation reservation;
+  std::optional<DeviceLayerInput> device;
 };
 
 class StreamAssembler final {

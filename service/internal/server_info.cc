@@ -21,13 +21,21 @@ struct Parameter {
 
 std::string Number(double value) { return absl::StrCat(value); }
 
-void AddMethod(v1::ServerInfo& info, const std::string& name, const std::string& stage,
-               const MethodSpec& probe, const std::string& description,
-               const std::vector<Parameter>& parameters) {
+// Head dim the per-backend probes use: one every backend runs.
+constexpr int kProbeHeadDim = 128;
+
+void AddMethod(v1::ServerInfo& info, std::span<const Backend* const> backends,
+               const std::string& name, const std::string& stage, const MethodSpec& probe,
+               const std::string& description, const std::vector<Parameter>& parameters) {
   v1::MethodInfo* method = info.add_methods();
   method->set_name(name);
   method->set_stage(stage);
   method->set_implemented(CheckMethodImplemented(probe).ok());
+  for (const Backend* backend : backends) {
+    if (backend->Supports(probe, kProbeHeadDim).ok()) {
+      method->add_backends(std::string(backend->name()));
+    }
+  }
   method->set_description(description);
   for (const Parameter& parameter : parameters) {
     v1::MethodParameter* out = method->add_parameters();
@@ -46,11 +54,12 @@ uint64_t PhysicalMemoryBytes() {
 
 }  // namespace
 
-v1::ServerInfo BuildServerInfo(const std::string& version, const std::string& backend_name,
+v1::ServerInfo BuildServerInfo(const std::string& version, std::span<const Backend* const> backends,
                                const ServerLimits& limits, int worker_threads) {
   v1::ServerInfo info;
   info.set_version(version);
-  info.set_backend(backend_name);
+  if (!backends.empty()) info.set_backend(std::string(backends.front()->name()));
+  for (const Backend* backend : backends) info.add_backends(std::string(backend->name()));
   const MethodSpec defaults;
 
   // Each probe is the default method with one stage replaced, so `implemented` says whether
@@ -77,7 +86,7 @@ v1::ServerInfo BuildServerInfo(const std::string& version, const std::string& ba
   };
   const std::string group_reduction_default(GroupReductionName(defaults.snapkv.group_reduction));
 
-  AddMethod(info, "snapkv", "scorer", with_scorer(ScorerKind::kSnapKv),
+  AddMethod(info, backends, "snapkv", "scorer", with_scorer(ScorerKind::kSnapKv),
             "SnapKV: attention of the last W window queries, pooled over the prefix; window "
             "tokens always kept. Needs num_window_queries > 0.",
             {{"window_size", "uint32", Number(defaults.snapkv.window_size),
@@ -86,48 +95,48 @@ v1::ServerInfo BuildServerInfo(const std::string& version, const std::string& ba
              {"pooling", "enum", std::string(PoolingName(defaults.snapkv.pooling)), "avg or max"},
              {"group_reduction", "enum", group_reduction_default,
               "reduction over the query heads of a KV group: mean, max or sum"}});
-  AddMethod(info, "knorm", "scorer", with_scorer(ScorerKind::kKnorm),
+  AddMethod(info, backends, "knorm", "scorer", with_scorer(ScorerKind::kKnorm),
             "Key L2 norm (Devoto et al.): score = -||k||; no queries needed.", {});
-  AddMethod(info, "streaming", "scorer", with_scorer(ScorerKind::kStreaming),
+  AddMethod(info, backends, "streaming", "scorer", with_scorer(ScorerKind::kStreaming),
             "StreamingLLM: attention sinks plus the most recent tokens.",
             {{"sinks", "uint32", Number(defaults.streaming.sinks), "first tokens kept"}});
   AddMethod(
-      info, "observed", "scorer", with_scorer(ScorerKind::kObserved),
+      info, backends, "observed", "scorer", with_scorer(ScorerKind::kObserved),
       "H2O-style: client-supplied scores [score_heads, T] fp32, group-reduced when per "
       "query head. Needs num_score_heads > 0.",
       {{"group_reduction", "enum",
         std::string(GroupReductionName(defaults.observed.group_reduction)), "mean, max or sum"}});
-  AddMethod(info, "tova", "scorer", with_scorer(ScorerKind::kTova),
+  AddMethod(info, backends, "tova", "scorer", with_scorer(ScorerKind::kTova),
             "TOVA: attention of the last query averaged over all heads; one selection shared "
             "by all heads.",
             {});
-  AddMethod(info, "keydiff", "scorer", with_scorer(ScorerKind::kKeyDiff),
+  AddMethod(info, backends, "keydiff", "scorer", with_scorer(ScorerKind::kKeyDiff),
             "KeyDiff: -cos(k_j, mean of normalised keys).", {});
 
-  AddMethod(info, "uniform", "layer_budget", with_layer_budget(LayerBudgetKind::kUniform),
+  AddMethod(info, backends, "uniform", "layer_budget", with_layer_budget(LayerBudgetKind::kUniform),
             "Every layer keeps n tokens per head.", {});
-  AddMethod(info, "pyramid", "layer_budget", with_layer_budget(LayerBudgetKind::kPyramid),
+  AddMethod(info, backends, "pyramid", "layer_budget", with_layer_budget(LayerBudgetKind::kPyramid),
             "PyramidKV: budgets decrease linearly with depth.",
             {{"beta", "double", Number(defaults.pyramid.beta), "min budget = (C - W) / beta"}});
   AddMethod(
-      info, "dynamic", "layer_budget", with_layer_budget(LayerBudgetKind::kDynamic),
+      info, backends, "dynamic", "layer_budget", with_layer_budget(LayerBudgetKind::kDynamic),
       "DynamicKV: budgets follow each layer's share of the global top scores; results "
       "are final only at the last layer.",
       {{"r_max", "double", Number(defaults.dynamic.r_max), "temporary budget multiple per layer"},
        {"update_interval", "uint32", Number(defaults.dynamic.update_interval),
         "layers between global updates"}});
 
-  AddMethod(info, "uniform", "head_budget", with_head_budget(HeadBudgetKind::kUniform),
+  AddMethod(info, backends, "uniform", "head_budget", with_head_budget(HeadBudgetKind::kUniform),
             "Every head keeps the layer budget.", {});
   AddMethod(
-      info, "adaptive", "head_budget", with_head_budget(HeadBudgetKind::kAdaptive),
+      info, backends, "adaptive", "head_budget", with_head_budget(HeadBudgetKind::kAdaptive),
       "AdaKV: heads share the layer budget by global top scores; ragged counts.",
       {{"alpha", "double", Number(defaults.adaptive.alpha), "fraction of n each head protects"}});
 
-  AddMethod(info, "drop", "reducer", with_reducer(ReducerKind::kDrop),
+  AddMethod(info, backends, "drop", "reducer", with_reducer(ReducerKind::kDrop),
             "Evicted tokens are dropped.", {});
   const MergeSimilarOptions& merge = defaults.merge_similar;
-  AddMethod(info, "merge_similar", "reducer", with_reducer(ReducerKind::kMergeSimilar),
+  AddMethod(info, backends, "merge_similar", "reducer", with_reducer(ReducerKind::kMergeSimilar),
             "KVMerger reconstruction: contiguous runs of similar keys fold into their pivot "
             "with Gaussian weights.",
             {{"similarity_threshold", "double", Number(merge.similarity_threshold),
@@ -139,7 +148,7 @@ v1::ServerInfo BuildServerInfo(const std::string& version, const std::string& ba
               "fraction of the budget kept verbatim by score"},
              {"scale_values_by_set_size", "bool", merge.scale_values_by_set_size ? "true" : "false",
               "scale merged values by the set size"}});
-  AddMethod(info, "merge_nearest", "reducer", with_reducer(ReducerKind::kMergeNearest),
+  AddMethod(info, backends, "merge_nearest", "reducer", with_reducer(ReducerKind::kMergeNearest),
             "Each evicted value folds into its most similar kept key's row (D2O/ToMe style).", {});
 
   info.add_dtypes(v1::DTYPE_FLOAT16);
@@ -149,9 +158,25 @@ v1::ServerInfo BuildServerInfo(const std::string& version, const std::string& ba
   info.add_layouts(v1::LAYOUT_NHD);
   info.add_transports(v1::TRANSPORT_INLINE);
 
-  v1::DeviceInfo* device = info.add_devices();
-  device->set_name(backend_name);
-  device->set_memory_bytes(PhysicalMemoryBytes());
+  for (const Backend* backend : backends) {
+    const std::vector<BackendDevice> devices = backend->Devices();
+    if (devices.empty()) {
+      v1::DeviceInfo* host = info.add_devices();
+      host->set_name("host");
+      host->set_backend(std::string(backend->name()));
+      host->set_memory_bytes(PhysicalMemoryBytes());
+    }
+    for (const BackendDevice& device : devices) {
+      v1::DeviceInfo* out = info.add_devices();
+      out->set_name(device.name);
+      out->set_backend(std::string(backend->name()));
+      out->set_ordinal(device.ordinal);
+      out->set_compute_capability(device.compute_capability);
+      out->set_memory_bytes(device.total_memory_bytes);
+      out->set_memory_budget_bytes(device.budget_bytes);
+      out->set_memory_in_use_bytes(device.in_use_bytes);
+    }
+  }
 
   v1::Limits* out = info.mutable_limits();
   out->set_max_request_bytes(limits.max_request_bytes);

@@ -102,7 +102,12 @@ struct ServiceMetrics {
             "with window queries.",
             HistogramFamily::FractionBuckets())),
         requests_in_flight(
-            registry.AddGauge("kvcompress_requests_in_flight", "Compress streams open now.")) {}
+            registry.AddGauge("kvcompress_requests_in_flight", "Compress streams open now.")),
+        backend_requests(registry.AddCounter(
+            "kvcompress_backend_requests_total",
+            "Compress streams by the backend that ran them; route=fallback when the preferred "
+            "backend does not run the method (e.g. a GPU-less stage running on the CPU).",
+            {"backend", "route"})) {}
 
   CounterFamily& requests;
   CounterFamily& errors;
@@ -116,6 +121,7 @@ struct ServiceMetrics {
   HistogramFamily& compression_ratio;
   HistogramFamily& attention_mass_kept;
   GaugeFamily& requests_in_flight;
+  CounterFamily& backend_requests;
 };
 
 }  // namespace kvcompress

@@ -116,7 +116,11 @@ absl::StatusOr<std::unique_ptr<KvcdProcess>> KvcdProcess::StartWithEnvironment(
                                    "--metrics_address=127.0.0.1:0",
                                    "--metrics_port_file=" + metrics_port_file,
                                    "--worker_threads=2",
-                                   "--backend_threads=2"};
+                                   "--backend_threads=2",
+                                   // The CPU reference, which these tests compare with
+                                   // byte for byte, also on GPU machines (a later
+                                   // --backend in extra_flags wins).
+                                   "--backend=cpu"};
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
   auto pid = Spawn(argv, log_file.c_str(), environment);
   if (!pid.ok()) return pid.status();

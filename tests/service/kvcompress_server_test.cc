@@ -21,6 +21,7 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/compression_pipeline.h"
+#include "kernels/cuda_backend.h"
 #include "kernels/dtype.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
 #include "service/spec_conversion.h"
@@ -287,6 +288,47 @@ class KvcServerTest : public ::testing::Test {
   std::unique_ptr<v1::KvCompress::Stub> stub_;
 };
 
+TEST_F(KvcServerTest, UnknownBackendKindIsRefused) {
+  ServerOptions options;
+  options.address = "127.0.0.1:0";
+  options.metrics_address = "";
+  options.backend_kind = "tpu";
+  auto server = KvcServer::Start(std::move(options));
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(server.status().message(), HasSubstr("expected cpu, cuda or auto"));
+}
+
+TEST_F(KvcServerTest, AutoBackendRunsTheGpuWhenThereIsOneElseTheCpu) {
+  ServerOptions options;
+  options.backend_kind = "auto";
+  StartServer(std::move(options));
+  const bool has_gpu = MakeCudaBackend(CudaBackendOptions{}).ok();
+  if (has_gpu) {
+    EXPECT_EQ(server_->backend_name(), "cuda");
+    EXPECT_TRUE(server_->backend_note().empty());
+  } else {
+    EXPECT_EQ(server_->backend_name(), "cpu");
+    EXPECT_THAT(server_->backend_note(), HasSubstr("running the cpu backend"));
+  }
+  grpc::ClientContext context;
+  v1::ServerInfo info;
+  ASSERT_TRUE(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok());
+  EXPECT_EQ(info.backend(), server_->backend_name());
+  EXPECT_EQ(info.backends(info.backends_size() - 1), "cpu");  // the reference is always last
+}
+
+TEST_F(KvcServerTest, CudaBackendWithoutAGpuFailsToStart) {
+  if (MakeCudaBackend(CudaBackendOptions{}).ok()) GTEST_SKIP() << "this machine has a GPU";
+  ServerOptions options;
+  options.address = "127.0.0.1:0";
+  options.metrics_address = "";
+  options.backend_kind = "cuda";
+  auto server = KvcServer::Start(std::move(options));
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(server.status().message(), HasSubstr("--backend=cuda: "));
+}
+
 TEST_F(KvcServerTest, ServerInfoDescribesThisBuild) {
   ServerOptions options;
   options.limits.max_tokens = 4096;
@@ -329,6 +371,16 @@ TEST_F(KvcServerTest, ServerInfoDescribesThisBuild) {
                            "layer_budget/uniform", "head_budget/uniform", "reducer/drop"}) {
     EXPECT_TRUE(methods[name]->implemented()) << name;
   }
+  // The default options run the CPU reference alone, which runs every stage.
+  ASSERT_EQ(info.backends_size(), 1);
+  EXPECT_EQ(info.backends(0), "cpu");
+  for (const v1::MethodInfo& method : info.methods()) {
+    EXPECT_THAT(method.backends(), ::testing::ElementsAre("cpu")) << method.name();
+  }
+  ASSERT_EQ(info.devices_size(), 1);
+  EXPECT_EQ(info.devices(0).name(), "host");
+  EXPECT_EQ(info.devices(0).backend(), "cpu");
+  EXPECT_GT(info.devices(0).memory_bytes(), 0u);
   // `implemented` follows the engine's own check.
   MethodSpec tova;
   tova.scorer = ScorerKind::kTova;
@@ -526,7 +578,7 @@ TEST_F(KvcServerTest, ErrorsEndTheStreamAndTheServerKeepsServing) {
   outcome = RunStream(*stub_, {request.Messages()[0]});
   EXPECT_EQ(outcome.status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(outcome.status.error_message(),
-              HasSubstr("transport cuda_ipc is not available in this build"));
+              HasSubstr("transport cuda_ipc is"));  // not built, or not enabled
   request.header.set_transport(v1::TRANSPORT_INLINE);
 
   outcome = RunStream(*stub_, {});  // half-close without a header
