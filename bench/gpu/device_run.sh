@@ -6,7 +6,7 @@
 #
 # Logs go to $LOGS and are packed into $OUT/logs.tar.gz (the device tool returns at most 8
 # files); a summary is printed. Each step has its own time limit; STEPS picks steps (default
-# all: tests_small tests_kvcd bench tests_large kvcd_end_to_end kvpress sanitizer ncu — more
+# all: tests_small tests_kvcd tests_ipc bench tests_large kvcd_end_to_end kvpress sanitizer ncu — more
 # than one 10-minute device call holds, so split them over two), BENCH_ARGS passes arguments
 # to gpu_bench, KVPRESS_ARGS to kvpress_bench.py.
 set -u
@@ -21,7 +21,7 @@ if ! "$DIST/gpu_cuda_backend_test" --gtest_list_tests > /dev/null 2>"$LOGS/loade
   echo "binaries do not load; trying the carried libstdc++"; cat "$LOGS/loader.txt"
   export LD_LIBRARY_PATH="$PWD/$DIST/fallback:$LD_LIBRARY_PATH"
 fi
-STEPS=${STEPS:-tests_small tests_kvcd bench tests_large kvcd_end_to_end kvpress sanitizer ncu}
+STEPS=${STEPS:-tests_small tests_kvcd tests_ipc bench tests_large kvcd_end_to_end kvpress sanitizer ncu}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -31,6 +31,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 step tests_small 150 "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs*:*Contract*'
 step tests_kvcd 90 "$DIST/gpu_kvcd_cuda_test"
+step tests_ipc 120 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_cuda_ipc_test"
 step bench 200 "$DIST/gpu_bench" ${BENCH_ARGS:-}
 step tests_large 120 "$DIST/gpu_cuda_backend_test" --gtest_filter='LargeConfigs*'
 step kvcd_end_to_end 100 bash bench/gpu/kvcd_end_to_end.sh "$DIST"

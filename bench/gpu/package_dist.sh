@@ -9,7 +9,8 @@ set -euo pipefail
 build=${1:-build-cuda}
 dist=${2:-$build/dist}
 binaries=("$build/tests/gpu_cuda_backend_test" "$build/tests/gpu_kvcd_cuda_test"
-          "$build/bin/gpu_bench" "$build/bin/kvcd" "$build/bin/kvc")
+          "$build/tests/gpu_cuda_ipc_test" "$build/bin/gpu_bench" "$build/bin/kvcd"
+          "$build/bin/kvc")
 rm -rf "$dist"
 mkdir -p "$dist/lib" "$dist/fallback"
 for binary in "${binaries[@]}"; do
