@@ -36,7 +36,8 @@ absl::StatusOr<int> LocalOrdinal(const RegionDescriptor& region) {
     for (int ordinal = 0; ordinal < count; ++ordinal) {
       cudaDeviceProp properties{};
       KVC_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, ordinal));
-      const std::string uuid = UuidString(properties.uuid);
+      // Compared in lower case, with or without nvidia-smi's "GPU-" prefix.
+      const std::string uuid = absl::AsciiStrToLower(UuidString(properties.uuid));
       if (wanted == uuid || wanted == uuid.substr(4)) return ordinal;
     }
     return absl::FailedPreconditionError(absl::StrCat("region device_uuid ", region.device_uuid,
