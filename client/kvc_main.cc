@@ -233,13 +233,25 @@ std::optional<CommandError> RunInfo(const ParsedFlags& flags) {
   std::printf("server          %s\n", server->c_str());
   std::printf("version         %s\n", info->version().c_str());
   std::printf("backend         %s\n", info->backend().c_str());
+  if (info->backends_size() > 1) {
+    // The first runs what it can; the others take the rest (e.g. the CPU reference).
+    std::printf("backends        %s\n", absl::StrJoin(info->backends(), ", ").c_str());
+  }
   std::printf("worker threads  %u\n", info->worker_threads());
   std::printf("dtypes          %s\n", absl::StrJoin(dtypes, ", ").c_str());
   std::printf("layouts         %s\n", absl::StrJoin(layouts, ", ").c_str());
   std::printf("transports      %s\n", absl::StrJoin(transports, ", ").c_str());
   for (const v1::DeviceInfo& device : info->devices()) {
-    std::printf("device          %s (%s)\n", device.name().c_str(),
-                Bytes(device.memory_bytes()).c_str());
+    if (device.backend() == "cpu" || device.memory_budget_bytes() == 0) {
+      std::printf("device          %s (%s)\n", device.name().c_str(),
+                  Bytes(device.memory_bytes()).c_str());
+      continue;
+    }
+    std::printf("device          %s: %s, compute %s, %s; budget %s, in use %s\n",
+                device.backend().c_str(), device.name().c_str(),
+                device.compute_capability().c_str(), Bytes(device.memory_bytes()).c_str(),
+                Bytes(device.memory_budget_bytes()).c_str(),
+                Bytes(device.memory_in_use_bytes()).c_str());
   }
   const v1::Limits& limits = info->limits();
   std::printf(
@@ -250,10 +262,13 @@ std::optional<CommandError> RunInfo(const ParsedFlags& flags) {
       limits.max_sequences(), limits.max_concurrent_streams(),
       Bytes(limits.max_chunk_bytes()).c_str());
   std::printf("methods\n");
-  std::printf("  %-13s %-15s %-12s %s\n", "stage", "name", "implemented", "description");
+  std::printf("  %-13s %-15s %-12s %-10s %s\n", "stage", "name", "implemented", "runs on",
+              "description");
   for (const v1::MethodInfo& method : info->methods()) {
-    std::printf("  %-13s %-15s %-12s %s\n", method.stage().c_str(), method.name().c_str(),
-                method.implemented() ? "yes" : "no", method.description().c_str());
+    const std::string runs_on = absl::StrJoin(method.backends(), ",");
+    std::printf("  %-13s %-15s %-12s %-10s %s\n", method.stage().c_str(), method.name().c_str(),
+                method.implemented() ? "yes" : "no", runs_on.empty() ? "-" : runs_on.c_str(),
+                method.description().c_str());
     for (const v1::MethodParameter& parameter : method.parameters()) {
       std::printf("      %s (%s, default %s): %s\n", parameter.name().c_str(),
                   parameter.type().c_str(),

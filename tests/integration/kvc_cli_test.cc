@@ -34,16 +34,15 @@ void StoreElement(std::byte* base, DType dtype, size_t index, float value) {
     std::memcpy(base + index * 4, &value, 4);
     return;
   }
-  const uint16_t bits =
-      dtype == DType::kBFloat16 ? FloatToBFloat16(value) : FloatToFloat16(value);
+  const uint16_t bits = dtype == DType::kBFloat16 ? FloatToBFloat16(value) : FloatToFloat16(value);
   std::memcpy(base + index * 2, &bits, 2);
 }
 
 // Writes a random cache (fixed seed; keys with a per-token scale so norms spread out and
 // queries correlated with a few keys so attention is far from uniform).
 std::string WriteRandomInput(const std::string& dir, const InputSpec& spec) {
-  CacheGeometry geometry{spec.num_layers,      spec.num_kv_heads, spec.num_query_heads,
-                         spec.head_dim,        spec.dtype,        Layout::kHND};
+  CacheGeometry geometry{spec.num_layers, spec.num_kv_heads, spec.num_query_heads,
+                         spec.head_dim,   spec.dtype,        Layout::kHND};
   SequenceShape shape{spec.num_tokens, spec.num_window_queries, 0};
   std::mt19937 rng(spec.seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -87,7 +86,8 @@ Float64Layer ToFloat64(const CacheFileInput& input, int layer) {
   out.num_window_queries = input.shape.num_window_queries;
   const LayerInput& tensors = input.layers[layer];
   out.keys.resize(tensors.keys.size() / DTypeSize(g.dtype));
-  for (size_t i = 0; i < out.keys.size(); ++i) out.keys[i] = LoadAsFloat(tensors.keys.data(), g.dtype, i);
+  for (size_t i = 0; i < out.keys.size(); ++i)
+    out.keys[i] = LoadAsFloat(tensors.keys.data(), g.dtype, i);
   out.queries.resize(tensors.queries.size() / DTypeSize(g.dtype));
   for (size_t i = 0; i < out.queries.size(); ++i) {
     out.queries[i] = LoadAsFloat(tensors.queries.data(), g.dtype, i);
@@ -140,10 +140,10 @@ std::string* KvcCliTest::dir_ = nullptr;
 TEST_F(KvcCliTest, ServerAndLocalGiveIdenticalTensors) {
   for (DType dtype : {DType::kBFloat16, DType::kFloat16, DType::kFloat32}) {
     const std::string input = WriteRandomInput(*dir_, {.dtype = dtype});
-    for (const auto& flags : std::vector<std::vector<std::string>>{
-             {"--method=snapkv", "--keep=0.25"},
-             {"--method=knorm", "--keep-tokens=100"},
-             {"--method=streaming", "--keep=0.1", "--sinks=4"}}) {
+    for (const auto& flags :
+         std::vector<std::vector<std::string>>{{"--method=snapkv", "--keep=0.25"},
+                                               {"--method=knorm", "--keep-tokens=100"},
+                                               {"--method=streaming", "--keep=0.1", "--sinks=4"}}) {
       SCOPED_TRACE(std::string(DTypeName(dtype)) + " " + flags[0]);
       const CompressedCacheFile server = Compress(input, false, flags, "identical");
       const CompressedCacheFile local = Compress(input, true, flags, "identical");
@@ -154,8 +154,7 @@ TEST_F(KvcCliTest, ServerAndLocalGiveIdenticalTensors) {
         EXPECT_EQ(server.layers[l].positions, local.layers[l].positions);
         EXPECT_TRUE(server.layers[l].keys == local.layers[l].keys);
         EXPECT_TRUE(server.layers[l].values == local.layers[l].values);
-        EXPECT_DOUBLE_EQ(server.layers[l].attention_mass_kept,
-                         local.layers[l].attention_mass_kept);
+        EXPECT_DOUBLE_EQ(server.layers[l].attention_mass_kept, local.layers[l].attention_mass_kept);
       }
     }
   }
@@ -165,7 +164,8 @@ TEST_F(KvcCliTest, KnormKeepHalfKeepsExactlyTheLowestNormRowsByteForByte) {
   const std::string path = WriteRandomInput(*dir_, {.seed = 99});
   auto input = ReadCacheInput(path);
   ASSERT_TRUE(input.ok()) << input.status();
-  const CompressedCacheFile output = Compress(path, false, {"--method=knorm", "--keep=0.5"}, "knorm");
+  const CompressedCacheFile output =
+      Compress(path, false, {"--method=knorm", "--keep=0.5"}, "knorm");
   ASSERT_EQ(output.layers.size(), 3u);
   const int T = 733, D = 64, n = T / 2;  // floor(733 · 0.5)
   const size_t row_bytes = D * 2;
@@ -181,9 +181,11 @@ TEST_F(KvcCliTest, KnormKeepHalfKeepsExactlyTheLowestNormRowsByteForByte) {
         const size_t in_offset = (size_t(h) * T + positions[r]) * row_bytes;
         const size_t out_offset = size_t(result.offsets[h] + r) * row_bytes;
         ASSERT_EQ(std::memcmp(result.keys.data() + out_offset,
-                              input->layers[l].keys.data() + in_offset, row_bytes), 0);
+                              input->layers[l].keys.data() + in_offset, row_bytes),
+                  0);
         ASSERT_EQ(std::memcmp(result.values.data() + out_offset,
-                              input->layers[l].values.data() + in_offset, row_bytes), 0);
+                              input->layers[l].values.data() + in_offset, row_bytes),
+                  0);
       }
     }
   }
@@ -191,11 +193,18 @@ TEST_F(KvcCliTest, KnormKeepHalfKeepsExactlyTheLowestNormRowsByteForByte) {
 
 TEST_F(KvcCliTest, SnapKvAgreesWithIndependentFloat64Implementation) {
   int near_tie_differences = 0;
-  for (const InputSpec& spec : {InputSpec{.dtype = DType::kFloat32, .num_query_heads = 8, .seed = 5},
-                                InputSpec{.dtype = DType::kBFloat16, .num_query_heads = 16,
-                                          .num_tokens = 1025, .num_window_queries = 32, .seed = 6},
-                                InputSpec{.dtype = DType::kFloat16, .num_query_heads = 2,
-                                          .num_tokens = 300, .num_window_queries = 7, .seed = 7}}) {
+  for (const InputSpec& spec :
+       {InputSpec{.dtype = DType::kFloat32, .num_query_heads = 8, .seed = 5},
+        InputSpec{.dtype = DType::kBFloat16,
+        .num_query_heads = 16,
+        .num_tokens = 1025,
+        .num_window_queries = 32,
+        .seed = 6},
+        InputSpec{.dtype = DType::kFloat16,
+        .num_query_heads = 2,
+        .num_tokens = 300,
+        .num_window_queries = 7,
+        .seed = 7}}) {
     const std::string path = WriteRandomInput(*dir_, spec);
     auto input = ReadCacheInput(path);
     ASSERT_TRUE(input.ok()) << input.status();
@@ -225,6 +234,11 @@ TEST_F(KvcCliTest, InfoListsMethods) {
   EXPECT_EQ(run->exit_code, 0) << run->output;
   EXPECT_THAT(run->output, HasSubstr("snapkv"));
   EXPECT_THAT(run->output, HasSubstr("knorm"));
+  // The test kvcd runs the CPU reference alone (KvcdProcess passes --backend=cpu): every
+  // method runs on it, and the host is its device.
+  EXPECT_THAT(run->output, HasSubstr("runs on"));
+  EXPECT_THAT(run->output, ::testing::ContainsRegex("merge_nearest +yes +cpu "));
+  EXPECT_THAT(run->output, HasSubstr("device          host ("));
 }
 
 TEST_F(KvcCliTest, UnknownMethodIsNamedAndFailsTheCommand) {
@@ -238,10 +252,9 @@ TEST_F(KvcCliTest, UnknownMethodIsNamedAndFailsTheCommand) {
 }
 
 TEST_F(KvcCliTest, MissingInputFileIsReported) {
-  auto run = RunCommand({BinDir() + "/kvc", "compress", "--local",
-                         "--input=" + *dir_ + "/does_not_exist.safetensors",
-                         "--output=" + *dir_ + "/never.safetensors", "--method=knorm",
-                         "--keep=0.5"});
+  auto run = RunCommand(
+      {BinDir() + "/kvc", "compress", "--local", "--input=" + *dir_ + "/does_not_exist.safetensors",
+       "--output=" + *dir_ + "/never.safetensors", "--method=knorm", "--keep=0.5"});
   ASSERT_TRUE(run.ok());
   EXPECT_NE(run->exit_code, 0);
   EXPECT_THAT(run->output, HasSubstr("does_not_exist.safetensors"));
