@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "kernels/cuda/device_uuid.h"
 
 namespace kvcompress {
 namespace {
@@ -13,13 +13,6 @@ namespace {
 absl::Status CudaError(cudaError_t error, const char* what) {
   (void)cudaGetLastError();
   return absl::InvalidArgumentError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
-}
-
-std::string UuidString(const cudaUUID_t& uuid) {
-  const auto* b = reinterpret_cast<const unsigned char*>(uuid.bytes);
-  return absl::StrFormat("GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
-                         b[12], b[13], b[14], b[15]);
 }
 
 }  // namespace
@@ -76,7 +69,7 @@ absl::StatusOr<uint32_t> CudaIpcChannel::RegisterRegion(const void* device_ptr, 
   v1::CudaIpcRegion& region = *request.mutable_region();
   region.set_ipc_handle(reinterpret_cast<const char*>(&handle), sizeof(handle));
   region.set_size_bytes(bytes);
-  region.set_device_uuid(UuidString(properties.uuid));
+  region.set_device_uuid(cuda::DeviceUuidString(properties.uuid));
   region.set_pci_bus_id(bus_id);
   region.set_device_ordinal(attributes.device);
   absl::StatusOr<v1::RegisterRegionResponse> response = client_.RegisterRegion(request);

@@ -10,22 +10,14 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "kernels/cuda/cuda_compressor.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/device_uuid.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/status_macros.h"
 
 namespace kvcompress {
 namespace {
-
-// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as nvidia-smi prints it.
-std::string UuidString(const cudaUUID_t& uuid) {
-  const auto* b = reinterpret_cast<const unsigned char*>(uuid.bytes);
-  return absl::StrFormat("GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
-                         b[12], b[13], b[14], b[15]);
-}
 
 // kvcd's ordinal of the client's device.
 absl::StatusOr<int> LocalOrdinal(const RegionDescriptor& region) {
@@ -37,7 +29,7 @@ absl::StatusOr<int> LocalOrdinal(const RegionDescriptor& region) {
       cudaDeviceProp properties{};
       KVC_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, ordinal));
       // Compared in lower case, with or without nvidia-smi's "GPU-" prefix.
-      const std::string uuid = absl::AsciiStrToLower(UuidString(properties.uuid));
+      const std::string uuid = absl::AsciiStrToLower(cuda::DeviceUuidString(properties.uuid));
       if (wanted == uuid || wanted == uuid.substr(4)) return ordinal;
     }
     return absl::FailedPreconditionError(absl::StrCat("region device_uuid ", region.device_uuid,

@@ -20,6 +20,7 @@
 #include "kernels/dtype.h"
 #include "service/kvcompress_server.h"
 #include "service/spec_conversion.h"
+#include "tests/integration/reference_results.h"
 
 namespace kvcompress {
 namespace {
@@ -75,36 +76,6 @@ Batch MakeBatch(uint32_t seed) {
   return batch;
 }
 
-// The CPU reference's results for the batch: [sequence][layer].
-std::vector<std::vector<LayerResult>> ReferenceResults(const Batch& batch) {
-  absl::StatusOr<CacheGeometry> geometry = GeometryFromProto(batch.header.geometry());
-  absl::StatusOr<MethodSpec> spec = MethodSpecFromProto(batch.header.method());
-  EXPECT_TRUE(geometry.ok() && spec.ok());
-  std::vector<SequenceShape> shapes;
-  for (const v1::SequenceShape& sequence : batch.header.sequences()) {
-    shapes.push_back(SequenceShapeFromProto(sequence));
-  }
-  std::unique_ptr<Backend> cpu = MakeCpuBackend(4);
-  auto pipeline = CompressionPipeline::Create(cpu.get(), *geometry, *spec, shapes);
-  EXPECT_TRUE(pipeline.ok()) << pipeline.status();
-  std::vector<std::vector<LayerResult>> results(batch.layers.size());
-  for (size_t s = 0; s < batch.layers.size(); ++s) {
-    for (const LayerInput& layer : batch.layers[s]) {
-      LayerInput copy;
-      copy.sequence = layer.sequence;
-      copy.layer = layer.layer;
-      copy.shape = layer.shape;
-      copy.keys = layer.keys;
-      copy.values = layer.values;
-      copy.queries = layer.queries;
-      auto done = (*pipeline)->AddLayer(std::move(copy));
-      EXPECT_TRUE(done.ok()) << done.status();
-      for (LayerResult& result : *done) results[s].push_back(std::move(result));
-    }
-  }
-  return results;
-}
-
 CacheRequest RequestOf(const Batch& batch) {
   CacheRequest request;
   request.header = batch.header;
@@ -143,7 +114,7 @@ class KvcdCudaTest : public ::testing::Test {
     absl::StatusOr<CompressedCache> cache = client_->CompressCache(RequestOf(batch));
     ASSERT_TRUE(cache.ok()) << cache.status();
     EXPECT_EQ(cache->summary.backend(), backend);
-    const auto reference = ReferenceResults(batch);
+    const auto reference = testing::ReferenceResults(batch.header, batch.layers, 4);
     for (size_t s = 0; s < reference.size(); ++s) {
       for (size_t l = 0; l < reference[s].size(); ++l) {
         const CompressedLayer& got = cache->layers[s][l];

@@ -17,6 +17,7 @@
 #include "kernels/dtype.h"
 #include "service/spec_conversion.h"
 #include "tests/integration/kvcd_process.h"
+#include "tests/integration/reference_results.h"
 
 namespace kvcompress::testing {
 namespace {
@@ -76,30 +77,7 @@ LayerTensors TensorsOf(const LayerInput& layer) {
 
 // The in-process engine's results for the batch: [sequence][layer].
 std::vector<std::vector<LayerResult>> LocalResults(const Batch& batch) {
-  auto geometry = GeometryFromProto(batch.header.geometry());
-  auto spec = MethodSpecFromProto(batch.header.method());
-  EXPECT_TRUE(geometry.ok() && spec.ok());
-  std::vector<SequenceShape> shapes;
-  for (const auto& sequence : batch.header.sequences()) shapes.push_back(SequenceShapeFromProto(sequence));
-  std::unique_ptr<Backend> backend = MakeCpuBackend(2);
-  auto pipeline = CompressionPipeline::Create(backend.get(), *geometry, *spec, shapes);
-  EXPECT_TRUE(pipeline.ok()) << pipeline.status();
-  std::vector<std::vector<LayerResult>> results(batch.layers.size());
-  for (size_t s = 0; s < batch.layers.size(); ++s) {
-    for (const LayerInput& layer : batch.layers[s]) {
-      LayerInput copy;
-      copy.sequence = layer.sequence;
-      copy.layer = layer.layer;
-      copy.shape = layer.shape;
-      copy.keys = layer.keys;
-      copy.values = layer.values;
-      copy.queries = layer.queries;
-      auto done = (*pipeline)->AddLayer(std::move(copy));
-      EXPECT_TRUE(done.ok()) << done.status();
-      for (auto& result : *done) results[s].push_back(std::move(result));
-    }
-  }
-  return results;
+  return ReferenceResults(batch.header, batch.layers, 2);
 }
 
 void ExpectSameAsLocal(const CompressedLayer& got, const LayerResult& want) {
@@ -219,9 +197,9 @@ TEST_F(SdkTest, ServerInfoHealthAndMetrics) {
     if (method.name() == "snapkv") snapkv_implemented = method.implemented();
   }
   EXPECT_TRUE(snapkv_implemented);
-  for (const char* name : {"snapkv", "knorm", "streaming", "observed", "tova", "keydiff",
-                           "uniform", "pyramid", "dynamic", "adaptive", "drop",
-                           "merge_similar", "merge_nearest"}) {
+  for (const char* name :
+       {"snapkv", "knorm", "streaming", "observed", "tova", "keydiff", "uniform", "pyramid",
+        "dynamic", "adaptive", "drop", "merge_similar", "merge_nearest"}) {
     EXPECT_TRUE(listed.count(name)) << name << " missing from GetServerInfo";
   }
 
