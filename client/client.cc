@@ -198,6 +198,61 @@ LayerTensorBytes ExpectedLayerBytes(const v1::CompressHeader& header, int sequen
   return bytes;
 }
 
+absl::Status ValidateForwardedLayer(const v1::ForwardedLayer& layer) {
+  const v1::LayerResult& result = layer.result();
+  const v1::CacheGeometry& g = layer.geometry();
+  const std::string where =
+      absl::StrCat("forwarded layer of request ", layer.request_id(), " (sequence ",
+                   result.sequence(), " layer ", result.layer(), ")");
+  auto bad = [&](const std::string& what) {
+    return absl::InternalError(absl::StrCat("server protocol violation: ", where, ": ", what));
+  };
+  const uint64_t element = DTypeBytes(g.dtype());
+  if (element == 0) return bad(absl::StrCat("geometry.dtype ", v1::DType_Name(g.dtype())));
+  if (g.num_kv_heads() == 0 || g.head_dim() == 0 || g.num_layers() == 0) {
+    return bad(absl::StrCat("geometry has ", g.num_layers(), " layers, ", g.num_kv_heads(),
+                            " KV heads, head_dim ", g.head_dim()));
+  }
+  if (result.layer() >= g.num_layers() || result.sequence() >= layer.num_sequences()) {
+    return bad(absl::StrCat("not in the request's ", layer.num_sequences(), " sequences of ",
+                            g.num_layers(), " layers"));
+  }
+  const uint64_t num_tokens = layer.sequence_shape().num_tokens();
+  if (static_cast<uint32_t>(result.kept_size()) != g.num_kv_heads()) {
+    return bad(
+        absl::StrCat("kept has ", result.kept_size(), " heads, expected ", g.num_kv_heads()));
+  }
+  uint64_t total = 0;
+  uint32_t largest = 0;
+  for (int h = 0; h < result.kept_size(); ++h) {
+    if (result.kept(h) > num_tokens) {
+      return bad(
+          absl::StrCat("head ", h, " keeps ", result.kept(h), " of ", num_tokens, " tokens"));
+    }
+    total += result.kept(h);
+    largest = std::max(largest, result.kept(h));
+  }
+  uint64_t rows = total;
+  if (result.format() == v1::OUTPUT_FORMAT_PADDED) {
+    if (result.max_kept() < largest || result.max_kept() > num_tokens) {
+      return bad(absl::StrCat("max_kept ", result.max_kept(), " not in [", largest, ", ",
+                              num_tokens, "]"));
+    }
+    rows = uint64_t{g.num_kv_heads()} * result.max_kept();
+  }
+  const uint64_t kv_bytes = rows * g.head_dim() * element;
+  const uint64_t index_bytes = rows * sizeof(int32_t);
+  if (result.keys_bytes() != kv_bytes || result.values_bytes() != kv_bytes ||
+      result.positions_bytes() != index_bytes ||
+      (result.merged_bytes() != 0 && result.merged_bytes() != index_bytes)) {
+    return bad(absl::StrCat("announces keys/values/positions/merged bytes ", result.keys_bytes(),
+                            "/", result.values_bytes(), "/", result.positions_bytes(), "/",
+                            result.merged_bytes(), "; its kept counts need ", kv_bytes, "/",
+                            kv_bytes, "/", index_bytes, "/(0 or ", index_bytes, ")"));
+  }
+  return absl::OkStatus();
+}
+
 int64_t CompressedLayer::total_kept() const {
   int64_t total = 0;
   for (int32_t count : kept) total += count;
@@ -240,7 +295,8 @@ CompressSession::CompressSession(v1::CompressHeader header, size_t max_chunk_byt
       num_layers_(static_cast<int>(header_.geometry().num_layers())),
       element_bytes_(DTypeBytes(header_.geometry().dtype())),
       padded_(header_.output().format() == v1::OUTPUT_FORMAT_PADDED),
-      layers_expected_(header_.sequences_size() * num_layers_) {
+      forwarded_(!header_.forward_channel_id().empty()),
+      layers_expected_(forwarded_ ? 0 : header_.sequences_size() * num_layers_) {
   sent_.assign(header_.sequences_size(), std::vector<bool>(num_layers_, false));
   pending_.resize(layers_expected_);
   done_.assign(layers_expected_, false);
@@ -320,6 +376,19 @@ absl::Status CompressSession::HandleResponse(v1::CompressResponse& response) {
         return Violation(absl::StrCat("summary arrived after ", received, " of ", layers_expected_,
                                       " layer results"));
       }
+      const uint64_t forwarded = response.summary().forwarded_layers();
+      const uint64_t all_layers = uint64_t(header_.sequences_size()) * num_layers_;
+      if (forwarded_ && forwarded != all_layers) {
+        return Violation(absl::StrCat("summary.forwarded_layers = ", forwarded, ", expected ",
+                                      all_layers,
+                                      " (every layer of every sequence) for a "
+                                      "request forwarded to channel ",
+                                      header_.forward_channel_id()));
+      }
+      if (!forwarded_ && forwarded != 0) {
+        return Violation(absl::StrCat("summary.forwarded_layers = ", forwarded,
+                                      " for a request that forwards nothing"));
+      }
       summary_seen_ = true;
       absl::MutexLock lock(&mu_);
       summary_ = std::move(*response.mutable_summary());
@@ -334,6 +403,10 @@ absl::Status CompressSession::HandleLayerResult(const v1::LayerResult& result) {
   const uint32_t sequence = result.sequence();
   const uint32_t layer = result.layer();
   const std::string where = absl::StrCat("layer_result for sequence ", sequence, " layer ", layer);
+  if (forwarded_) {
+    return Violation(absl::StrCat(where, ": the request forwards its results to channel ",
+                                  header_.forward_channel_id(), ", none may come back inline"));
+  }
   if (sequence >= static_cast<uint32_t>(header_.sequences_size()) ||
       layer >= static_cast<uint32_t>(num_layers_)) {
     return Violation(absl::StrCat(where, ": the request has ", header_.sequences_size(),
@@ -414,6 +487,10 @@ absl::Status CompressSession::HandleLayerResult(const v1::LayerResult& result) {
 absl::Status CompressSession::HandleChunk(const v1::TensorChunk& chunk) {
   const std::string where = absl::StrCat("result_chunk for sequence ", chunk.sequence(), " layer ",
                                          chunk.layer(), " ", v1::TensorKind_Name(chunk.tensor()));
+  if (forwarded_) {
+    return Violation(absl::StrCat(where, ": the request forwards its results to channel ",
+                                  header_.forward_channel_id(), ", none may come back inline"));
+  }
   if (chunk.sequence() >= static_cast<uint32_t>(header_.sequences_size()) ||
       chunk.layer() >= static_cast<uint32_t>(num_layers_)) {
     return Violation(absl::StrCat(where, ": unknown layer; the request has ",
@@ -489,6 +566,13 @@ absl::Status CompressSession::CompleteLayer(PendingLayer& pending) {
 
 absl::Status CompressSession::SendLayer(uint32_t sequence, uint32_t layer,
                                         const LayerTensors& tensors) {
+  if (header_.transport() == v1::TRANSPORT_CUDA_IPC || header_.transport() == v1::TRANSPORT_NCCL) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "SendLayer sends tensors inline; this session's transport is ",
+        v1::Transport_Name(header_.transport()), " (use ",
+        header_.transport() == v1::TRANSPORT_NCCL ? "NcclChannel::SendLayer" : "SendLayerReady",
+        ")"));
+  }
   if (sequence >= static_cast<uint32_t>(header_.sequences_size()) ||
       layer >= static_cast<uint32_t>(num_layers_)) {
     return absl::InvalidArgumentError(
@@ -533,10 +617,19 @@ absl::Status CompressSession::SendLayer(uint32_t sequence, uint32_t layer,
 
 absl::Status CompressSession::SendLayerReady(uint32_t sequence, uint32_t layer,
                                              const LayerRegions& regions) {
+  if (header_.transport() == v1::TRANSPORT_NCCL) {
+    if (regions.keys || regions.values || regions.queries || regions.scores) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SendLayerReady(sequence ", sequence, ", layer ", layer,
+          "): an nccl session's LayerReady carries no region slices (the tensors travel over "
+          "the channel's communicator); use SendLayerAnnouncement or NcclChannel::SendLayer"));
+    }
+    return SendLayerAnnouncement(sequence, layer);
+  }
   if (header_.transport() != v1::TRANSPORT_CUDA_IPC) {
     return absl::FailedPreconditionError(
-        "SendLayerReady needs a session whose header has transport TRANSPORT_CUDA_IPC and a "
-        "channel_id; inline sessions use SendLayer");
+        "SendLayerReady needs a session whose header has transport TRANSPORT_CUDA_IPC (or "
+        "TRANSPORT_NCCL) and a channel_id; inline sessions use SendLayer");
   }
   if (sequence >= static_cast<uint32_t>(header_.sequences_size()) ||
       layer >= static_cast<uint32_t>(num_layers_)) {
@@ -572,20 +665,60 @@ absl::Status CompressSession::SendLayerReady(uint32_t sequence, uint32_t layer,
   put(regions.values, ready.mutable_values());
   if (regions.queries.has_value()) put(regions.queries, ready.mutable_queries());
   if (regions.scores.has_value()) put(regions.scores, ready.mutable_scores());
+  return WriteLayerReady(request, nullptr);
+}
+
+absl::Status CompressSession::SendLayerAnnouncement(uint32_t sequence, uint32_t layer) {
+  return SendLayerAnnouncement(sequence, layer, [] { return absl::OkStatus(); });
+}
+
+absl::Status CompressSession::SendLayerAnnouncement(
+    uint32_t sequence, uint32_t layer, absl::FunctionRef<absl::Status()> enqueue_transfers) {
+  if (header_.transport() != v1::TRANSPORT_NCCL) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "SendLayerAnnouncement needs a session whose header has transport TRANSPORT_NCCL and a "
+        "channel_id (NcclChannel::Attach); this one has ",
+        v1::Transport_Name(header_.transport()),
+        header_.transport() == v1::TRANSPORT_CUDA_IPC ? " (use SendLayerReady)"
+                                                      : " (use SendLayer)"));
+  }
+  if (sequence >= static_cast<uint32_t>(header_.sequences_size()) ||
+      layer >= static_cast<uint32_t>(num_layers_)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SendLayerAnnouncement(sequence ", sequence, ", layer ", layer, "): the header has ",
+        header_.sequences_size(), " sequences of ", num_layers_, " layers"));
+  }
+  v1::CompressRequest request;
+  v1::LayerReady& ready = *request.mutable_layer_ready();
+  ready.set_sequence(sequence);
+  ready.set_layer(layer);
+  return WriteLayerReady(request, &enqueue_transfers);
+}
+
+absl::Status CompressSession::WriteLayerReady(v1::CompressRequest& request,
+                                              absl::FunctionRef<absl::Status()>* before_write) {
+  const uint32_t sequence = request.layer_ready().sequence();
+  const uint32_t layer = request.layer_ready().layer();
+  const std::string where = absl::StrCat("sequence ", sequence, " layer ", layer);
   bool written = false;
   {
     absl::MutexLock lock(&write_mu_);
     if (sent_[sequence][layer]) {
       return absl::InvalidArgumentError(absl::StrCat(where, " was already sent"));
     }
-    sent_[sequence][layer] = true;
-    if (!writes_closed_) written = stream_->Write(request);
+    if (!writes_closed_) {
+      if (before_write != nullptr) {
+        if (absl::Status status = (*before_write)(); !status.ok()) return status;
+      }
+      sent_[sequence][layer] = true;
+      written = stream_->Write(request);
+    }
   }
   if (!written) {
     absl::Status status = WaitForEnd();
     if (status.ok()) {
       return absl::FailedPreconditionError(
-          absl::StrCat(where, ": the stream is already finished (SendLayerReady after Finish)"));
+          absl::StrCat(where, ": the stream is already finished (layer_ready after Finish)"));
     }
     return status;
   }
@@ -701,6 +834,55 @@ absl::Status CompressSession::FinalStatus() {
 }
 
 // ---------------------------------------------------------------------------
+// ForwardStream
+
+ForwardStream::~ForwardStream() {
+  if (reader_ == nullptr || ended_) return;
+  context_->TryCancel();
+  End().IgnoreError();
+}
+
+absl::StatusOr<std::optional<v1::ForwardNotice>> ForwardStream::Next() {
+  if (!ended_) {
+    v1::ForwardNotice notice;
+    if (reader_->Read(&notice)) {
+      if (!notice.has_layer() && !notice.has_end()) {
+        end_status_ = Violation("a ForwardNotice with neither layer nor end");
+      } else if (notice.has_layer()) {
+        end_status_ = ValidateForwardedLayer(notice.layer());
+      }
+      if (end_status_.ok()) return std::optional<v1::ForwardNotice>(std::move(notice));
+      context_->TryCancel();
+      const absl::Status violation = end_status_;
+      End().IgnoreError();
+      end_status_ = violation;
+      return end_status_;
+    }
+    End().IgnoreError();
+  }
+  if (!end_status_.ok()) return end_status_;
+  return std::optional<v1::ForwardNotice>();
+}
+
+void ForwardStream::Cancel() {
+  cancelled_.store(true);
+  context_->TryCancel();
+}
+
+absl::Status ForwardStream::End() {
+  v1::ForwardNotice ignored;
+  while (reader_->Read(&ignored)) {
+  }
+  end_status_ = FromGrpcStatus(reader_->Finish());
+  ended_ = true;
+  if (cancelled_.load()) {
+    end_status_ = absl::CancelledError(
+        absl::StrCat("ReceiveForwarded on channel ", channel_id_, " cancelled by the client"));
+  }
+  return end_status_;
+}
+
+// ---------------------------------------------------------------------------
 // Client
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, ClientOptions options,
@@ -803,6 +985,21 @@ absl::StatusOr<v1::RegisterRegionResponse> Client::RegisterRegion(
   grpc::Status status = stub_->RegisterRegion(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
+}
+
+absl::StatusOr<std::unique_ptr<ForwardStream>> Client::ReceiveForwarded(
+    const std::string& channel_id, absl::Duration deadline) {
+  if (channel_id.empty()) {
+    return absl::InvalidArgumentError("ReceiveForwarded: empty channel id");
+  }
+  auto stream = std::unique_ptr<ForwardStream>(new ForwardStream(channel_id));
+  stream->context_ = std::make_unique<grpc::ClientContext>();
+  SetDeadline(*stream->context_, Resolve(deadline, options_));
+  if (!authorization_.empty()) stream->context_->AddMetadata("authorization", authorization_);
+  v1::ReceiveForwardedRequest request;
+  request.set_channel_id(channel_id);
+  stream->reader_ = stub_->ReceiveForwarded(stream->context_.get(), request);
+  return stream;
 }
 
 absl::StatusOr<std::unique_ptr<CompressSession>> Client::StartCompress(v1::CompressHeader header,

@@ -17,6 +17,11 @@
 //   for (layer ...) (*session)->SendLayer(0, layer, {keys, values, queries});
 //   absl::StatusOr<v1::CompressSummary> summary = (*session)->Finish();
 //
+// GPU transports (client/cuda_ipc_channel.h, client/nccl_channel.h in kvc_client_cuda) keep
+// this call shape: SendLayerReady / SendLayerAnnouncement instead of SendLayer. A header with
+// forward_channel_id sends the results to a decode worker's channel instead (the session then
+// yields no layers, only the summary); the decode worker listens with ReceiveForwarded.
+//
 // Errors: gRPC failures come back as absl::Status with the same code and message. The SDK
 // also checks what the server sends (a result for an unknown layer, sizes that do not add
 // up, a missing summary) and reports INTERNAL or DATA_LOSS instead of trusting it: a bad
@@ -42,6 +47,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -179,13 +185,29 @@ class CompressSession final {
   // the shape has them). INVALID_ARGUMENT, before anything is sent, for an unknown
   // sequence or layer, a layer sent twice or sizes that do not match the header. When the
   // stream has failed, returns the stream's final status (as Finish would).
+  // FAILED_PRECONDITION on sessions of a GPU transport (cuda_ipc, nccl).
   absl::Status SendLayer(uint32_t sequence, uint32_t layer, const LayerTensors& tensors);
 
   // cuda_ipc sessions (header transport TRANSPORT_CUDA_IPC with a channel_id): announces
   // that one layer lies in the channel's regions; the server reads it in place. Same checks
   // as SendLayer (sizes against the header, each layer once); the server checks the regions'
-  // bounds and alignment.
+  // bounds and alignment. nccl sessions may call it with no slices at all (the same as
+  // SendLayerAnnouncement); slices on an nccl session are INVALID_ARGUMENT.
   absl::Status SendLayerReady(uint32_t sequence, uint32_t layer, const LayerRegions& regions);
+
+  // nccl sessions (header transport TRANSPORT_NCCL with a channel_id): announces one layer
+  // whose tensors travel over the channel's communicator (LayerReady without slices). Most
+  // callers use NcclChannel::SendLayer (client/nccl_channel.h), which enqueues the transfers
+  // and calls this. `enqueue_transfers` runs after the checks (sequence and layer in range, not
+  // sent before, stream still open) and before the message is written, under the session's
+  // write lock, so that transfers enqueued there keep the order of their announcements; when it
+  // fails nothing is written and the layer counts as not sent. FAILED_PRECONDITION for a
+  // session of another transport; INVALID_ARGUMENT for an unknown or repeated layer; the
+  // stream's final status when it has failed (the transfers may then have been enqueued with
+  // no receiver: see NcclChannel).
+  absl::Status SendLayerAnnouncement(uint32_t sequence, uint32_t layer);
+  absl::Status SendLayerAnnouncement(uint32_t sequence, uint32_t layer,
+                                     absl::FunctionRef<absl::Status()> enqueue_transfers);
 
   // The next finished layer, blocking until one arrives; nullopt once the summary has
   // arrived and every result was handed out; the stream's error when it failed.
@@ -195,17 +217,23 @@ class CompressSession final {
   // Half-closes the stream, waits for the remaining results (delivered to on_layer or kept
   // for NextResult) and returns the summary, or the first error: the server's status, a
   // protocol violation the SDK detected, DATA_LOSS when the stream ended without a
-  // summary, CANCELLED after Cancel. Idempotent.
+  // summary, CANCELLED after Cancel. Idempotent. Forwarded sessions (header
+  // forward_channel_id) receive no layers; their summary counts the layers delivered to the
+  // decode worker (forwarded_layers, which must be every layer of every sequence).
   absl::StatusOr<v1::CompressSummary> Finish();
 
   // Cancels the stream; pending and later calls fail with CANCELLED.
   void Cancel();
 
   const std::string& request_id() const { return request_id_; }
+  // The header as sent (with the request id the SDK chose when it was empty).
+  const v1::CompressHeader& header() const { return header_; }
+  // Whether the header names a forward_channel_id (results go to a decode worker).
+  bool forwarded() const { return forwarded_; }
   // Tensor bytes written to / received from the stream so far.
   uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
   uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
-  // Layers received complete so far, and the number expected.
+  // Layers received complete so far, and the number expected (0 for forwarded sessions).
   int layers_received() const { return layers_received_.load(std::memory_order_relaxed); }
   int layers_expected() const { return layers_expected_; }
 
@@ -226,6 +254,10 @@ class CompressSession final {
   absl::Status CompleteLayer(PendingLayer& pending);
   absl::Status SendTensor(uint32_t sequence, uint32_t layer, v1::TensorKind kind,
                           std::span<const std::byte> bytes);
+  // Writes one LayerReady after the size checks of its caller; `before_write` as in
+  // SendLayerAnnouncement (null: nothing to run).
+  absl::Status WriteLayerReady(v1::CompressRequest& request,
+                               absl::FunctionRef<absl::Status()>* before_write);
   // Waits for the reader thread and returns the final status.
   absl::Status WaitForEnd();
   absl::Status FinalStatus() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -238,6 +270,7 @@ class CompressSession final {
   int num_layers_ = 0;
   size_t element_bytes_ = 0;
   bool padded_ = false;
+  bool forwarded_ = false;
   const int layers_expected_;
 
   std::unique_ptr<grpc::ClientContext> context_;
@@ -267,6 +300,42 @@ class CompressSession final {
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<uint64_t> bytes_received_{0};
   std::atomic<int> layers_received_{0};
+};
+
+// The listener's side of forwarding: the ForwardNotice stream of Client::ReceiveForwarded.
+// Next is for one thread at a time; Cancel may be called from any thread. Destroying an
+// unfinished stream cancels it.
+class ForwardStream final {
+ public:
+  ~ForwardStream();
+  ForwardStream(const ForwardStream&) = delete;
+  ForwardStream& operator=(const ForwardStream&) = delete;
+
+  // The next notice, blocking until one arrives; nullopt when the server ended the stream
+  // with OK (the channel was closed). Layer notices are checked (ValidateForwardedLayer): a
+  // bad one cancels the stream and returns INTERNAL. Otherwise the stream's status: the
+  // server's (ALREADY_EXISTS for a second listener, FAILED_PRECONDITION for an unknown
+  // channel, ...), DEADLINE_EXCEEDED, or CANCELLED after Cancel. Once it has returned an
+  // error or nullopt it keeps returning the same.
+  absl::StatusOr<std::optional<v1::ForwardNotice>> Next();
+
+  // Cancels the stream; a blocked Next returns CANCELLED.
+  void Cancel();
+
+  const std::string& channel_id() const { return channel_id_; }
+
+ private:
+  friend class Client;
+  explicit ForwardStream(std::string channel_id) : channel_id_(std::move(channel_id)) {}
+  // Ends the call (after Read returned false or a cancel) and records its status.
+  absl::Status End();
+
+  const std::string channel_id_;
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<grpc::ClientReader<v1::ForwardNotice>> reader_;
+  std::atomic<bool> cancelled_{false};
+  bool ended_ = false;  // only Next's thread (and the destructor) touch these
+  absl::Status end_status_;
 };
 
 class Client final {
@@ -307,6 +376,14 @@ class Client final {
   absl::StatusOr<v1::RegisterRegionResponse> RegisterRegion(
       const v1::RegisterRegionRequest& request, absl::Duration deadline = absl::ZeroDuration());
 
+  // Listens on an nccl channel this client opened with direction CHANNEL_DIRECTION_FROM_KVCD
+  // (client/nccl_channel.h receives the tensors each notice announces). Zero deadline: the
+  // default; a listener that waits for requests indefinitely passes absl::InfiniteDuration()
+  // and ends with Cancel. INVALID_ARGUMENT for an empty channel id; the server's errors come
+  // from Next.
+  absl::StatusOr<std::unique_ptr<ForwardStream>> ReceiveForwarded(
+      const std::string& channel_id, absl::Duration deadline = absl::ZeroDuration());
+
   const ClientOptions& options() const { return options_; }
 
  private:
@@ -331,6 +408,12 @@ struct LayerTensorBytes {
   uint64_t scores = 0;
 };
 LayerTensorBytes ExpectedLayerBytes(const v1::CompressHeader& header, int sequence);
+
+// Checks a forwarded layer's notice before anyone allocates or receives by it: a known
+// dtype, result.sequence < num_sequences, one kept count per KV head, none above the
+// sequence's tokens, and keys/values/positions/merged bytes that the kept counts (or
+// max_kept, PADDED) imply. INTERNAL naming the field otherwise.
+absl::Status ValidateForwardedLayer(const v1::ForwardedLayer& layer);
 
 }  // namespace kvcompress
 

@@ -26,6 +26,9 @@ namespace {
 using ::testing::HasSubstr;
 using Stream = grpc::ServerReaderWriter<v1::CompressResponse, v1::CompressRequest>;
 using Script = std::function<grpc::Status(grpc::ServerContext*, Stream*)>;
+using ForwardScript =
+    std::function<grpc::Status(grpc::ServerContext*, const v1::ReceiveForwardedRequest*,
+                               grpc::ServerWriter<v1::ForwardNotice>*)>;
 
 class ScriptedService final : public v1::KvCompress::Service {
  public:
@@ -38,7 +41,13 @@ class ScriptedService final : public v1::KvCompress::Service {
   grpc::Status Compress(grpc::ServerContext* context, Stream* stream) override {
     return script(context, stream);
   }
+  grpc::Status ReceiveForwarded(grpc::ServerContext* context,
+                                const v1::ReceiveForwardedRequest* request,
+                                grpc::ServerWriter<v1::ForwardNotice>* writer) override {
+    return forward_script(context, request, writer);
+  }
   Script script;
+  ForwardScript forward_script;
 };
 
 // What the fake server received: the header and every tensor, assembled.
@@ -734,6 +743,251 @@ TEST_F(ClientTest, PaddedRowsMustBePaddedWithMinusOne) {
       header);
   EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
   EXPECT_THAT(status.message(), HasSubstr("head 1 padding row 2 holds 7, expected -1"));
+}
+
+// A server that records the layer_ready messages of an nccl stream and answers each layer
+// with an honest result of zero tensors' rows (it receives no tensor bytes).
+TEST_F(ClientTest, NcclAnnouncementsCarryNoSlicesAndKeepTheirOrder) {
+  std::vector<std::pair<uint32_t, uint32_t>> announced;
+  int slices_seen = 0;
+  service_.script = [&](grpc::ServerContext*, Stream* stream) {
+    v1::CompressRequest request;
+    while (stream->Read(&request)) {
+      if (!request.has_layer_ready()) continue;
+      const v1::LayerReady& ready = request.layer_ready();
+      announced.emplace_back(ready.sequence(), ready.layer());
+      slices_seen += ready.has_keys() + ready.has_values() + ready.has_queries();
+    }
+    SendSummary(stream);
+    return grpc::Status::OK;
+  };
+  v1::CompressHeader header = Header(1);
+  header.set_transport(v1::TRANSPORT_NCCL);
+  header.set_channel_id("0123456789abcdef0123456789abcdef");
+  // A session whose results never come back is not what this test is about: forward them.
+  header.set_forward_channel_id("fedcba9876543210fedcba9876543210");
+  auto session = client_->StartCompress(header);
+  ASSERT_TRUE(session.ok()) << session.status();
+  CompressSession& stream = **session;
+
+  EXPECT_EQ(stream.SendLayer(0, 0, {}).code(), absl::StatusCode::kFailedPrecondition);
+  const absl::Status with_slice = stream.SendLayerReady(0, 0, {.keys = RegionSlice{0, 0, 16}});
+  EXPECT_EQ(with_slice.code(), absl::StatusCode::kInvalidArgument) << with_slice;
+  EXPECT_THAT(with_slice.message(), HasSubstr("no region slices"));
+
+  std::vector<int> enqueued;
+  const absl::Status failed = stream.SendLayerAnnouncement(0, 1, [&] {
+    enqueued.push_back(-1);
+    return absl::InternalError("ncclSend failed");
+  });
+  EXPECT_EQ(failed.code(), absl::StatusCode::kInternal);
+  EXPECT_TRUE(stream
+                  .SendLayerAnnouncement(0, 1,
+                                         [&] {
+                                           enqueued.push_back(1);
+                                           return absl::OkStatus();
+                                         })
+                  .ok());
+  EXPECT_TRUE(stream.SendLayerReady(0, 0, {}).ok());
+  const absl::Status twice = stream.SendLayerAnnouncement(0, 1, [&] {
+    enqueued.push_back(99);
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(twice.message(), HasSubstr("already sent"));
+  EXPECT_EQ(stream.SendLayerAnnouncement(1, 0).code(), absl::StatusCode::kInvalidArgument);
+
+  auto done = stream.Finish();
+  // The fake sends forwarded_layers = 0 for a request of 2 layers: caught, not trusted.
+  EXPECT_EQ(done.status().code(), absl::StatusCode::kInternal) << done.status();
+  EXPECT_THAT(done.status().message(), HasSubstr("forwarded_layers = 0, expected 2"));
+  EXPECT_EQ(enqueued, (std::vector<int>{-1, 1}));
+  EXPECT_EQ(announced, (std::vector<std::pair<uint32_t, uint32_t>>{{0, 1}, {0, 0}}));
+  EXPECT_EQ(slices_seen, 0);
+}
+
+TEST_F(ClientTest, AnnouncementsNeedAnNcclSession) {
+  service_.script = [](grpc::ServerContext*, Stream* stream) {
+    Drain(stream);
+    return grpc::Status::OK;
+  };
+  auto inline_session = client_->StartCompress(Header(1));
+  ASSERT_TRUE(inline_session.ok());
+  EXPECT_EQ((*inline_session)->SendLayerAnnouncement(0, 0).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*inline_session)->SendLayerReady(0, 0, {}).code(),
+            absl::StatusCode::kFailedPrecondition);
+  v1::CompressHeader header = Header(1);
+  header.set_transport(v1::TRANSPORT_CUDA_IPC);
+  header.set_channel_id("0123456789abcdef0123456789abcdef");
+  auto ipc_session = client_->StartCompress(header);
+  ASSERT_TRUE(ipc_session.ok());
+  EXPECT_EQ((*ipc_session)->SendLayerReady(0, 0, {}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*ipc_session)->SendLayerAnnouncement(0, 0).code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(ClientTest, ForwardedSessionEndsWithTheSummaryAlone) {
+  v1::CompressHeader header = Header();
+  header.set_forward_channel_id("fedcba9876543210fedcba9876543210");
+  Received received;
+  service_.script = [&](grpc::ServerContext*, Stream* stream) {
+    received = Drain(stream);
+    v1::CompressResponse response;
+    response.mutable_summary()->set_forwarded_layers(4);  // 2 sequences × 2 layers
+    response.mutable_summary()->set_tokens_kept(12);
+    stream->Write(response);
+    return grpc::Status::OK;
+  };
+  const auto tensors = Tensors(header);
+  auto session = client_->StartCompress(header);
+  ASSERT_TRUE(session.ok());
+  EXPECT_TRUE((*session)->forwarded());
+  EXPECT_EQ((*session)->layers_expected(), 0);
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t s = 0; s < 2; ++s) {
+      ASSERT_TRUE((*session)->SendLayer(s, l, tensors[s][l].view()).ok());
+    }
+  }
+  auto summary = (*session)->Finish();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->forwarded_layers(), 4u);
+  EXPECT_EQ(summary->tokens_kept(), 12u);
+  EXPECT_EQ(received.header.forward_channel_id(), header.forward_channel_id());
+  auto next = (*session)->NextResult();
+  ASSERT_TRUE(next.ok());
+  EXPECT_FALSE(next->has_value());
+
+  // CompressCache of a forwarded header: every layer sent, no layer back, the summary.
+  auto cache = client_->CompressCache(Request(header, tensors));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  EXPECT_EQ(cache->summary.forwarded_layers(), 4u);
+}
+
+TEST_F(ClientTest, ForwardedSessionRejectsInlineResults) {
+  v1::CompressHeader header = Header();
+  header.set_forward_channel_id("fedcba9876543210fedcba9876543210");
+  const absl::Status status = RunAgainst(
+      [](grpc::ServerContext*, Stream* stream) {
+        Drain(stream);
+        Send(stream, GoodResult(0, 0, 2));
+        return grpc::Status::OK;
+      },
+      header);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << status;
+  EXPECT_THAT(status.message(), HasSubstr("none may come back inline"));
+
+  // And a request that forwards nothing must not claim forwarded layers.
+  const absl::Status claimed = RunAgainst([](grpc::ServerContext*, Stream* stream) {
+    Drain(stream);
+    v1::CompressResponse response;
+    response.mutable_summary()->set_forwarded_layers(1);
+    stream->Write(response);
+    return grpc::Status::OK;
+  });
+  EXPECT_EQ(claimed.code(), absl::StatusCode::kInternal) << claimed;
+}
+
+v1::ForwardNotice LayerNotice(uint32_t kept_per_head) {
+  v1::ForwardNotice notice;
+  v1::ForwardedLayer& layer = *notice.mutable_layer();
+  layer.set_request_id("prefill-1");
+  layer.set_num_sequences(1);
+  v1::CacheGeometry& g = *layer.mutable_geometry();
+  g.set_num_layers(2);
+  g.set_num_kv_heads(2);
+  g.set_num_query_heads(4);
+  g.set_head_dim(8);
+  g.set_dtype(v1::DTYPE_BFLOAT16);
+  layer.mutable_sequence_shape()->set_num_tokens(37);
+  v1::LayerResult& result = *layer.mutable_result();
+  result.set_layer(1);
+  result.add_kept(kept_per_head);
+  result.add_kept(kept_per_head);
+  result.set_keys_bytes(2 * kept_per_head * 8 * 2);
+  result.set_values_bytes(2 * kept_per_head * 8 * 2);
+  result.set_positions_bytes(2 * kept_per_head * 4);
+  return notice;
+}
+
+TEST_F(ClientTest, ReceiveForwardedYieldsNoticesThenEnds) {
+  std::string token_seen;
+  std::string channel_seen;
+  service_.forward_script = [&](grpc::ServerContext* context,
+                                const v1::ReceiveForwardedRequest* request,
+                                grpc::ServerWriter<v1::ForwardNotice>* writer) {
+    channel_seen = request->channel_id();
+    writer->Write(LayerNotice(5));
+    v1::ForwardNotice end;
+    end.mutable_end()->set_request_id("prefill-1");
+    end.mutable_end()->set_forwarded_layers(1);
+    writer->Write(end);
+    (void)context;
+    return grpc::Status::OK;
+  };
+  auto stream = client_->ReceiveForwarded("abc", absl::InfiniteDuration());
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  auto first = (*stream)->Next();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(first->has_value() && (*first)->has_layer());
+  EXPECT_EQ((*first)->layer().result().keys_bytes(), 2u * 5 * 8 * 2);
+  auto second = (*stream)->Next();
+  ASSERT_TRUE(second.ok() && second->has_value() && (*second)->has_end());
+  EXPECT_EQ((*second)->end().forwarded_layers(), 1u);
+  auto last = (*stream)->Next();
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_FALSE(last->has_value());
+  EXPECT_FALSE((*stream)->Next()->has_value());
+  EXPECT_EQ(channel_seen, "abc");
+  EXPECT_EQ(client_->ReceiveForwarded("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ClientTest, ReceiveForwardedChecksNoticesAndKeepsServerErrors) {
+  service_.forward_script = [](grpc::ServerContext*, const v1::ReceiveForwardedRequest*,
+                               grpc::ServerWriter<v1::ForwardNotice>* writer) {
+    v1::ForwardNotice notice = LayerNotice(5);
+    notice.mutable_layer()->mutable_result()->set_positions_bytes(3);
+    writer->Write(notice);
+    return grpc::Status::OK;
+  };
+  auto bad = client_->ReceiveForwarded("abc");
+  ASSERT_TRUE(bad.ok());
+  auto notice = (*bad)->Next();
+  EXPECT_EQ(notice.status().code(), absl::StatusCode::kInternal) << notice.status();
+  EXPECT_THAT(notice.status().message(), HasSubstr("keys/values/positions/merged bytes"));
+  EXPECT_EQ((*bad)->Next().status().code(), absl::StatusCode::kInternal);
+
+  service_.forward_script = [](grpc::ServerContext*, const v1::ReceiveForwardedRequest*,
+                               grpc::ServerWriter<v1::ForwardNotice>*) {
+    return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "channel has a listener");
+  };
+  auto second = client_->ReceiveForwarded("abc");
+  ASSERT_TRUE(second.ok());
+  auto refused = (*second)->Next();
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_THAT(refused.status().message(), HasSubstr("channel has a listener"));
+}
+
+TEST_F(ClientTest, ReceiveForwardedCancelEndsAWaitingListener) {
+  service_.forward_script = [](grpc::ServerContext* context, const v1::ReceiveForwardedRequest*,
+                               grpc::ServerWriter<v1::ForwardNotice>*) {
+    while (!context->IsCancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    return grpc::Status::CANCELLED;
+  };
+  auto stream = client_->ReceiveForwarded("abc", absl::InfiniteDuration());
+  ASSERT_TRUE(stream.ok());
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    (*stream)->Cancel();
+  });
+  auto next = (*stream)->Next();
+  canceller.join();
+  EXPECT_EQ(next.status().code(), absl::StatusCode::kCancelled) << next.status();
+
+  // Destroying a listener that is still waiting cancels it too.
+  auto abandoned = client_->ReceiveForwarded("abc", absl::InfiniteDuration());
+  ASSERT_TRUE(abandoned.ok());
+  abandoned->reset();
 }
 
 TEST(ClientOptionsTest, BadOptionsAreRejected) {
