@@ -107,6 +107,9 @@ absl::StatusOr<std::unique_ptr<DeviceCacheSender>> DeviceCacheSender::Create(
   return sender;
 }
 
+DeviceCacheSender::DeviceCacheSender(Client& client, const DeviceCacheSenderOptions& options)
+    : client_(client), options_(options) {}
+
 DeviceCacheSender::~DeviceCacheSender() {
 #if KVC_HAVE_NCCL
   if (nccl_channel_ != nullptr && stream_ != nullptr) {

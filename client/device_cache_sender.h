@@ -81,8 +81,7 @@ class DeviceCacheSender final {
   absl::Duration upload_time() const { return upload_time_; }
 
  private:
-  DeviceCacheSender(Client& client, const DeviceCacheSenderOptions& options)
-      : client_(client), options_(options) {}
+  DeviceCacheSender(Client& client, const DeviceCacheSenderOptions& options);
 
   // Device pointers of one layer's tensors; null where the layer has none.
   struct DeviceLayer {

@@ -14,6 +14,10 @@
 // write the same tensors. `bench` loads a kvcd with one synthetic request, sent over and
 // over from N concurrent streams (client/load_generator.h); `inspect` summarises and draws
 // the kept positions of a compressed file (client/kept_summary.h, client/kept_heatmap.h).
+// `compress --server` sends inline by default; --transport=cuda_ipc|nccl copies the cache to
+// the current GPU first and sends it through a channel (client/device_cache_sender.h; builds
+// with CUDA only), and --forward-channel=ID sends the results to a decode worker instead of
+// back (only the summary is printed).
 // Exit codes: 0 success, 1 failure (the status code name and
 // message are printed), 2 usage errors.
 #include <unistd.h>
@@ -49,6 +53,10 @@
 #include "kernels/compression_pipeline.h"
 #include "kernels/layer_result.h"
 #include "service/spec_conversion.h"
+
+#if KVC_HAVE_CLIENT_CUDA
+#include "client/device_cache_sender.h"
+#endif
 
 namespace kvcompress {
 namespace {
@@ -106,6 +114,12 @@ const std::vector<FlagSpec>& CompressFlags() {
         {"merged-counts", false, "also write per-row merged counts for drop reducers"},
         {"threads", true, "N  --local: engine threads (default: all cores)"},
         {"deadline", true, "SECONDS  --server: deadline of the whole call (default 300)"},
+        {"transport", true,
+         "inline|cuda_ipc|nccl  --server: how the cache reaches kvcd (default inline; "
+         "cuda_ipc and nccl copy it to the current GPU first)"},
+        {"forward-channel", true,
+         "ID  --server: send the results to this decode worker's nccl channel instead of "
+         "back (no --output; prints the summary)"},
     };
     for (const FlagSpec& flag : ConnectionFlagSpecs()) all.push_back(flag);
     for (const FlagSpec& flag : MethodFlagSpecs()) all.push_back(flag);
@@ -394,7 +408,38 @@ struct CompressJob {
   ClientOptions connection;  // TLS and token (connection_flags.h)
   absl::Duration deadline = absl::Seconds(300);
   int threads = 0;
+  v1::Transport transport = v1::TRANSPORT_INLINE;
+  std::string forward_channel;  // empty: results come back
 };
+
+// --transport: INVALID_ARGUMENT (a usage error) for unknown values; UNIMPLEMENTED for a GPU
+// transport this build cannot use.
+absl::StatusOr<v1::Transport> TransportFlag(const ParsedFlags& flags) {
+  const std::string name = flags.Get("transport").value_or("inline");
+  v1::Transport transport;
+  if (name == "inline") {
+    return v1::TRANSPORT_INLINE;
+  } else if (name == "cuda_ipc") {
+    transport = v1::TRANSPORT_CUDA_IPC;
+  } else if (name == "nccl") {
+    transport = v1::TRANSPORT_NCCL;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--transport=", name, ": expected inline, cuda_ipc or nccl"));
+  }
+#if !KVC_HAVE_CLIENT_CUDA
+  return absl::UnimplementedError(
+      absl::StrCat("--transport=", name,
+                   ": this kvc was built without CUDA (KVC_ENABLE_CUDA=OFF or no "
+                   "toolkit found); only --transport=inline is available"));
+#elif !KVC_HAVE_NCCL
+  if (transport == v1::TRANSPORT_NCCL) {
+    return absl::UnimplementedError(
+        "--transport=nccl: this kvc was built without NCCL; use --transport=cuda_ipc or inline");
+  }
+#endif
+  return transport;
+}
 
 // Server mode: streams through the SDK. `results` owns the bytes the outcome views.
 absl::Status CompressThroughServer(const CompressJob& job,
@@ -423,6 +468,30 @@ absl::Status CompressThroughServer(const CompressJob& job,
   *header.mutable_method() = job.method;
   *header.mutable_output() = job.output;
   header.set_transport(v1::TRANSPORT_INLINE);
+  header.set_forward_channel_id(job.forward_channel);
+
+  std::vector<LayerTensors> layers;
+  for (int l = 0; l < num_layers; ++l) {
+    layers.push_back(
+        LayerTensors{input.keys(l), input.values(l), input.queries(l), input.scores(l)});
+  }
+#if KVC_HAVE_CLIENT_CUDA
+  // The device copy and its channel outlive the session (declared first, destroyed last).
+  std::unique_ptr<DeviceCacheSender> device;
+  if (job.transport != v1::TRANSPORT_INLINE) {
+    DeviceCacheSenderOptions device_options;
+    device_options.transport = job.transport;
+    absl::StatusOr<std::unique_ptr<DeviceCacheSender>> sender =
+        DeviceCacheSender::Create(**client, layers, device_options);
+    if (!sender.ok()) return sender.status();
+    device = *std::move(sender);
+    device->Attach(header);
+    outcome.timing_lines.push_back(
+        absl::StrFormat("device: %s copied to the GPU in %.3f s, channel %s (%s)",
+                        Bytes(device->device_bytes()), absl::ToDoubleSeconds(device->upload_time()),
+                        device->channel_id(), v1::Transport_Name(job.transport)));
+  }
+#endif
 
   results.assign(num_layers, std::nullopt);
   SessionOptions session_options;
@@ -438,25 +507,64 @@ absl::Status CompressThroughServer(const CompressJob& job,
 
   uint64_t total_in = 0;
   for (int l = 0; l < num_layers; ++l) total_in += input.LayerBytes(l);
+  std::atomic<uint64_t> announced_bytes{0};  // GPU transports: bytes of the layers announced
+  auto sent = [&] {
+    return job.transport == v1::TRANSPORT_INLINE ? stream.bytes_sent() : announced_bytes.load();
+  };
   absl::StatusOr<v1::CompressSummary> summary;
   {
-    ProgressBar progress(
-        [&] { return total_in == 0 ? 1.0 : double(stream.bytes_sent()) / double(total_in); },
-        [&] {
-          return absl::StrCat("sent ", Bytes(stream.bytes_sent()), " of ", Bytes(total_in), ", ",
-                              stream.layers_received(), "/", num_layers, " layers back");
-        });
+    ProgressBar progress([&] { return total_in == 0 ? 1.0 : double(sent()) / double(total_in); },
+                         [&] {
+                           return absl::StrCat("sent ", Bytes(sent()), " of ", Bytes(total_in),
+                                               ", ", stream.layers_received(), "/", num_layers,
+                                               " layers back");
+                         });
     for (int l = 0; l < num_layers; ++l) {
-      absl::Status status = stream.SendLayer(
-          0, l, LayerTensors{input.keys(l), input.values(l), input.queries(l), input.scores(l)});
+      absl::Status status;
+#if KVC_HAVE_CLIENT_CUDA
+      if (device != nullptr) {
+        status = device->SendLayer(stream, static_cast<uint32_t>(l));
+      } else {
+        status = stream.SendLayer(0, l, layers[l]);
+      }
+#else
+      status = stream.SendLayer(0, l, layers[l]);
+#endif
       if (!status.ok()) {
         stream.Cancel();
         return status;
       }
+      announced_bytes.fetch_add(input.LayerBytes(l));
     }
+#if KVC_HAVE_CLIENT_CUDA
+    if (device != nullptr) {
+      if (absl::Status status = device->WaitForSends(); !status.ok()) {
+        stream.Cancel();
+        return status;
+      }
+    }
+#endif
     summary = stream.Finish();
   }
   if (!summary.ok()) return summary.status();
+  const v1::StageTimings& t = summary->timings();
+  if (!job.forward_channel.empty()) {
+    outcome.backend = summary->backend();
+    outcome.timing_lines.push_back(absl::StrFormat(
+        "server %s (request %s): receive %.3f s, queue %.3f s, score %.3f s, select %.3f s, "
+        "gather %.3f s, send %.3f s, total %.3f s",
+        summary->backend(), summary->request_id(), t.receive_seconds(), t.queue_seconds(),
+        t.score_seconds(), t.select_seconds(), t.gather_seconds(), t.send_seconds(),
+        t.total_seconds()));
+    outcome.timing_lines.push_back(absl::StrFormat(
+        "summary: %u layers forwarded to channel %s; tokens in %u, kept %u (%.2f%%), bytes in "
+        "%s, bytes out %s",
+        summary->forwarded_layers(), job.forward_channel, summary->tokens_in(),
+        summary->tokens_kept(),
+        summary->tokens_in() ? 100.0 * summary->tokens_kept() / summary->tokens_in() : 0.0,
+        Bytes(summary->bytes_in()), Bytes(summary->bytes_out())));
+    return absl::OkStatus();
+  }
 
   outcome.backend = summary->backend();
   outcome.extra_metadata["request_id"] = summary->request_id();
@@ -475,7 +583,6 @@ absl::Status CompressThroughServer(const CompressJob& job,
     outcome.views.push_back(view);
     outcome.bytes_out.push_back(layer.tensor_bytes());
   }
-  const v1::StageTimings& t = summary->timings();
   outcome.timing_lines.push_back(absl::StrFormat(
       "server %s (request %s): receive %.3f s, queue %.3f s, score %.3f s, select %.3f s, "
       "gather %.3f s, send %.3f s, total %.3f s%s",
@@ -585,7 +692,24 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
     return usage("kvc compress: give exactly one of --server HOST:PORT and --local");
   const std::optional<std::string> input_path = flags.Get("input");
   const std::optional<std::string> output_path = flags.Get("output");
-  if (!input_path || !output_path) return usage("kvc compress: --input and --output are required");
+  const std::optional<std::string> forward_channel = flags.Get("forward-channel");
+  if (forward_channel) {
+    if (local) return usage("--forward-channel applies to --server only");
+    if (forward_channel->empty()) return usage("--forward-channel: empty channel id");
+    if (output_path) {
+      return usage(
+          "kvc compress: --output is not written with --forward-channel (the results go to the "
+          "decode worker)");
+    }
+    if (!input_path) return usage("kvc compress: --input is required");
+  } else if (!input_path || !output_path) {
+    return usage("kvc compress: --input and --output are required");
+  }
+  if (local && flags.Has("transport")) return usage("--transport applies to --server only");
+  absl::StatusOr<v1::Transport> transport = TransportFlag(flags);
+  if (!transport.ok()) {
+    return CommandError{transport.status(), absl::IsInvalidArgument(transport.status())};
+  }
   if (local && flags.Has("deadline")) return usage("--deadline applies to --server only");
   if (!local && flags.Has("threads")) return usage("--threads applies to --local only");
 
@@ -603,6 +727,8 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
   if (!threads.ok()) return CommandError{threads.status(), true};
   job.threads = *threads ? static_cast<int>(**threads) : 0;
   if (server) job.server = *server;
+  job.transport = *transport;
+  if (forward_channel) job.forward_channel = *forward_channel;
   if (absl::Status status = ApplyConnectionFlags(flags, job.connection); !status.ok()) {
     return CommandError{status, true};
   }
@@ -625,7 +751,17 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
                             : "");
   std::printf("method  %s %s\n", MethodName(job.method).c_str(),
               MethodSpecToJson(job.method).c_str());
-  std::printf("via     %s\n", local ? "local engine" : absl::StrCat("server ", *server).c_str());
+  std::printf(
+      "via     %s\n",
+      local ? "local engine"
+            : absl::StrCat("server ", *server,
+                           job.transport == v1::TRANSPORT_INLINE
+                               ? ""
+                               : absl::StrCat(", ", v1::Transport_Name(job.transport)),
+                           job.forward_channel.empty()
+                               ? ""
+                               : absl::StrCat(", forwarding to channel ", job.forward_channel))
+                  .c_str());
   std::fflush(stdout);
 
   CompressOutcome outcome;
@@ -635,6 +771,11 @@ std::optional<CommandError> RunCompress(const ParsedFlags& flags) {
   absl::Status status = local ? CompressLocally(job, ragged, padded, outcome)
                               : CompressThroughServer(job, server_results, outcome);
   if (!status.ok()) return CommandError{status};
+  if (!job.forward_channel.empty()) {
+    std::printf("\n");
+    for (const std::string& line : outcome.timing_lines) std::printf("%s\n", line.c_str());
+    return std::nullopt;
+  }
 
   CompressedCacheInfo info;
   info.method = MethodName(job.method);

@@ -72,6 +72,31 @@ TEST(KvcToolTest, HelpAndUsageErrors) {
   EXPECT_THAT(threads.output, HasSubstr("--threads applies to --local only"));
 }
 
+TEST(KvcToolTest, TransportAndForwardingFlags) {
+  const std::string base =
+      "compress --server=localhost:1 --input=a --output=b --method=knorm --keep=0.5 ";
+  ToolRun bogus = RunKvc(base + "--transport=bogus");
+  EXPECT_EQ(bogus.exit_code, 2) << bogus.output;
+  EXPECT_THAT(bogus.output, HasSubstr("--transport=bogus: expected inline, cuda_ipc or nccl"));
+
+  ToolRun local =
+      RunKvc("compress --local --input=a --output=b --method=knorm --keep=0.5 --transport=nccl");
+  EXPECT_EQ(local.exit_code, 2) << local.output;
+  EXPECT_THAT(local.output, HasSubstr("--transport applies to --server only"));
+
+  ToolRun forward_with_output = RunKvc(base + "--forward-channel=0123");
+  EXPECT_EQ(forward_with_output.exit_code, 2) << forward_with_output.output;
+  EXPECT_THAT(forward_with_output.output, HasSubstr("--output is not written"));
+
+#if !KVC_HAVE_CLIENT_CUDA
+  // Builds without CUDA know the GPU transports but cannot use them.
+  ToolRun ipc = RunKvc(base + "--transport=cuda_ipc");
+  EXPECT_EQ(ipc.exit_code, 1) << ipc.output;
+  EXPECT_THAT(ipc.output, HasSubstr("UNIMPLEMENTED: --transport=cuda_ipc: this kvc was built "
+                                    "without CUDA"));
+#endif
+}
+
 TEST(KvcToolTest, RuntimeErrorsNameTheStatusCode) {
   ToolRun missing =
       RunKvc("compress --local --input=" + Scratch("missing.safetensors") +
