@@ -35,7 +35,8 @@ Channel::Channel(std::string id, std::string transport, std::string owner,
       transport_(std::move(transport)),
       owner_(std::move(owner)),
       idle_timeout_(idle_timeout),
-      resources_(std::move(resources)) {}
+      resources_(std::move(resources)),
+      resources_view_(resources_.get()) {}
 
 Channel::~Channel() {
   absl::MutexLock lock(&mu_);
@@ -166,8 +167,8 @@ void ChannelRegistry::TakeExpired(std::vector<std::shared_ptr<Channel>>& expired
   }
 }
 
-absl::StatusOr<ChannelRegistry::Entry*> ChannelRegistry::Find(absl::string_view id,
-                                                              absl::string_view owner) {
+absl::StatusOr<ChannelRegistry::Entry*> ChannelRegistry::Find(
+    absl::string_view id, std::optional<absl::string_view> owner) {
   auto it = channels_.find(id);
   if (it == channels_.end()) {
     return absl::FailedPreconditionError(
@@ -175,7 +176,7 @@ absl::StatusOr<ChannelRegistry::Entry*> ChannelRegistry::Find(absl::string_view 
                      " is not open on this kvcd (never opened, closed, or expired after its idle "
                      "timeout); open a new one with OpenChannel"));
   }
-  if (it->second.channel->owner() != owner) {
+  if (owner.has_value() && it->second.channel->owner() != *owner) {
     return absl::PermissionDeniedError(
         absl::StrCat("channel ", id,
                      " belongs to another client; a channel is usable only by "
@@ -186,6 +187,15 @@ absl::StatusOr<ChannelRegistry::Entry*> ChannelRegistry::Find(absl::string_view 
 
 absl::StatusOr<ChannelLease> ChannelRegistry::Acquire(absl::string_view id,
                                                       absl::string_view owner) {
+  return AcquireLease(id, owner);
+}
+
+absl::StatusOr<ChannelLease> ChannelRegistry::AcquireById(absl::string_view id) {
+  return AcquireLease(id, std::nullopt);
+}
+
+absl::StatusOr<ChannelLease> ChannelRegistry::AcquireLease(absl::string_view id,
+                                                           std::optional<absl::string_view> owner) {
   std::vector<std::shared_ptr<Channel>> expired;
   absl::StatusOr<ChannelLease> lease;
   {

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -44,6 +45,9 @@
 #include "service/call_authenticator.h"
 
 namespace kvcompress {
+
+class NcclLink;
+class ForwardOutbox;
 
 // The principal that owns channels opened by a call: "cert:<subject>" for a verified client
 // certificate, "token" for a bearer token (kvcd has one token, so all its holders are one
@@ -74,6 +78,10 @@ class ChannelResources {
   virtual absl::StatusOr<std::byte*> OpenRegion(const RegionDescriptor& region) = 0;
   // Releases everything OpenRegion opened. Called exactly once, when the channel is torn down.
   virtual void Release() = 0;
+  // nccl channels: kvcd's end of the communicator (null for other transports).
+  virtual NcclLink* nccl_link() { return nullptr; }
+  // nccl channels of direction FROM_KVCD: where forwarded layers go (null otherwise).
+  virtual ForwardOutbox* forward_outbox() { return nullptr; }
 };
 
 // One region of a channel.
@@ -109,6 +117,9 @@ class Channel final {
 
   size_t num_regions() const;
 
+  // The transport's resources; valid for the channel's life.
+  ChannelResources& resources() const { return *resources_view_; }
+
  private:
   const std::string id_;
   const std::string transport_;
@@ -117,6 +128,7 @@ class Channel final {
   // Serialises OpenRegion calls and guards the table.
   mutable absl::Mutex mu_;
   std::unique_ptr<ChannelResources> resources_ ABSL_GUARDED_BY(mu_);
+  ChannelResources* const resources_view_;  // resources_.get(), readable without the lock
   std::vector<ChannelRegion> regions_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -176,6 +188,11 @@ class ChannelRegistry final {
   // The channel `id` for `owner`, leased; its idle clock restarts.
   absl::StatusOr<ChannelLease> Acquire(absl::string_view id, absl::string_view owner);
 
+  // The channel `id` whoever owns it, leased: for forwarding, where the channel id itself is
+  // the capability a decode worker hands to its prefill peers. FAILED_PRECONDITION when
+  // unknown. The idle clock restarts.
+  absl::StatusOr<ChannelLease> AcquireById(absl::string_view id);
+
   // Removes the channel; its resources go once its leases end.
   absl::Status Close(absl::string_view id, absl::string_view owner);
 
@@ -201,8 +218,11 @@ class ChannelRegistry final {
   // Moves expired channels out of the table (the caller drops them after unlocking).
   void TakeExpired(std::vector<std::shared_ptr<Channel>>& expired)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Entry*> Find(absl::string_view id, absl::string_view owner)
+  // `owner` nullopt: any owner.
+  absl::StatusOr<Entry*> Find(absl::string_view id, std::optional<absl::string_view> owner)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<ChannelLease> AcquireLease(absl::string_view id,
+                                            std::optional<absl::string_view> owner);
 
   const ChannelRegistryOptions options_;
   mutable absl::Mutex mu_;

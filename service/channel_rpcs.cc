@@ -41,40 +41,102 @@ absl::Status CheckRegistry(const ChannelEnvironment& environment) {
 
 absl::Status CheckChannelAccess(const ChannelEnvironment& environment, const CallIdentity& identity,
                                 v1::Transport transport) {
+  const std::string name = TransportName(transport);
+  bool compiled = false, allowed = false;
+  const char* flag = "";
   switch (transport) {
     case v1::TRANSPORT_CUDA_IPC:
+      compiled = environment.cuda_ipc_compiled;
+      allowed = environment.allow_cuda_ipc;
+      flag = "--allow_cuda_ipc (KVCD_ALLOW_CUDA_IPC=true)";
       break;
     case v1::TRANSPORT_NCCL:
-      return absl::UnimplementedError(
-          "transport nccl: channels are not implemented in this version of kvcd; use "
-          "TRANSPORT_CUDA_IPC on the same node or TRANSPORT_INLINE");
+      compiled = environment.nccl_compiled;
+      allowed = environment.allow_nccl;
+      flag = "--allow_nccl (KVCD_ALLOW_NCCL=true)";
+      break;
     case v1::TRANSPORT_UNSPECIFIED:
     case v1::TRANSPORT_INLINE:
       return absl::InvalidArgumentError(
-          "transport: inline streams need no channel; OpenChannel takes TRANSPORT_CUDA_IPC");
+          "transport: inline streams need no channel; OpenChannel takes TRANSPORT_CUDA_IPC or "
+          "TRANSPORT_NCCL");
     default:
-      return absl::InvalidArgumentError(absl::StrCat("transport: unknown value ",
-                                                     static_cast<int>(transport),
-                                                     "; expected TRANSPORT_CUDA_IPC"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("transport: unknown value ", static_cast<int>(transport),
+                       "; expected TRANSPORT_CUDA_IPC or TRANSPORT_NCCL"));
   }
-  if (!environment.cuda_ipc_compiled) {
-    return absl::UnimplementedError(
-        "transport cuda_ipc is not part of this build of kvcd (built without CUDA); use "
-        "TRANSPORT_INLINE");
+  if (!compiled) {
+    return absl::UnimplementedError(absl::StrCat(
+        "transport ", name, " is not part of this build of kvcd (built without ",
+        transport == v1::TRANSPORT_NCCL ? "CUDA or NCCL" : "CUDA", "); use TRANSPORT_INLINE"));
   }
-  if (!environment.allow_cuda_ipc) {
+  if (!allowed) {
     // UNIMPLEMENTED: "not supported/enabled in this service" (gRPC's status code guide).
-    return absl::UnimplementedError(
-        "transport cuda_ipc is disabled on this kvcd; the operator enables it with "
-        "--allow_cuda_ipc (KVCD_ALLOW_CUDA_IPC=true)");
+    return absl::UnimplementedError(absl::StrCat("transport ", name,
+                                                 " is disabled on this kvcd; the operator "
+                                                 "enables it with ",
+                                                 flag));
   }
   if (!identity.authenticated && environment.authentication_configured) {
     return absl::UnauthenticatedError(
-        "transport cuda_ipc is only for authenticated peers: present the bearer token or a "
-        "client certificate kvcd trusts");
+        absl::StrCat("transport ", name,
+                     " is only for authenticated peers: present the bearer token or a client "
+                     "certificate kvcd trusts"));
   }
   return CheckRegistry(environment);
 }
+
+namespace {
+
+absl::StatusOr<ChannelDirection> DirectionFromProto(v1::ChannelDirection direction) {
+  switch (direction) {
+    case v1::CHANNEL_DIRECTION_UNSPECIFIED:
+    case v1::CHANNEL_DIRECTION_TO_KVCD:
+      return ChannelDirection::kToKvcd;
+    case v1::CHANNEL_DIRECTION_FROM_KVCD:
+      return ChannelDirection::kFromKvcd;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("nccl.direction: unknown value ", static_cast<int>(direction),
+                       "; expected CHANNEL_DIRECTION_TO_KVCD or CHANNEL_DIRECTION_FROM_KVCD"));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<ChannelResources>> MakeResources(
+    const ChannelEnvironment& environment, const v1::OpenChannelRequest& request) {
+  Backend& backend = *environment.device_backend;
+  if (request.transport() == v1::TRANSPORT_CUDA_IPC) {
+    if (request.has_nccl()) {
+      return absl::InvalidArgumentError("nccl: set only for TRANSPORT_NCCL channels");
+    }
+    return environment.cuda_ipc_resources ? environment.cuda_ipc_resources(backend)
+                                          : MakeCudaIpcResources(backend);
+  }
+  if (request.regions_size() > 0) {
+    return absl::InvalidArgumentError(
+        "regions: nccl channels have no regions (the tensors travel over the communicator)");
+  }
+  if (!request.has_nccl() || request.nccl().unique_id().empty()) {
+    return absl::InvalidArgumentError(
+        "nccl.unique_id: empty; a TRANSPORT_NCCL channel needs the ncclUniqueId the client got "
+        "from ncclGetUniqueId (128 bytes)");
+  }
+  if (request.nccl().unique_id().size() != kNcclUniqueIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("nccl.unique_id: expected ", kNcclUniqueIdBytes,
+                                                   " bytes (an ncclUniqueId), got ",
+                                                   request.nccl().unique_id().size()));
+  }
+  absl::StatusOr<ChannelDirection> direction = DirectionFromProto(request.nccl().direction());
+  if (!direction.ok()) return direction.status();
+  absl::StatusOr<std::unique_ptr<NcclLink>> link =
+      environment.nccl_links
+          ? environment.nccl_links(backend, request.nccl().unique_id(), *direction)
+          : MakeNcclLink(backend, request.nccl().unique_id(), *direction);
+  if (!link.ok()) return link.status();
+  return MakeNcclChannelResources(std::move(link).value());
+}
+
+}  // namespace
 
 absl::StatusOr<v1::OpenChannelResponse> OpenChannel(const ChannelEnvironment& environment,
                                                     const CallIdentity& identity,
@@ -83,11 +145,10 @@ absl::StatusOr<v1::OpenChannelResponse> OpenChannel(const ChannelEnvironment& en
   if (!access.ok()) return access;
   if (environment.device_backend == nullptr) {
     return absl::FailedPreconditionError(
-        "transport cuda_ipc needs kvcd's cuda backend (start kvcd with --backend=cuda)");
+        absl::StrCat("transport ", TransportName(request.transport()),
+                     " needs kvcd's cuda backend (start kvcd with --backend=cuda)"));
   }
-  absl::StatusOr<std::unique_ptr<ChannelResources>> resources =
-      environment.cuda_ipc_resources ? environment.cuda_ipc_resources(*environment.device_backend)
-                                     : MakeCudaIpcResources(*environment.device_backend);
+  absl::StatusOr<std::unique_ptr<ChannelResources>> resources = MakeResources(environment, request);
   if (!resources.ok()) return resources.status();
   absl::StatusOr<std::shared_ptr<Channel>> channel = environment.registry->Open(
       TransportName(request.transport()), ChannelOwnerFor(identity),
@@ -139,11 +200,56 @@ absl::StatusOr<ChannelLease> AcquireStreamChannel(const ChannelEnvironment& envi
                                                   const v1::CompressHeader& header) {
   absl::Status access = CheckChannelAccess(environment, identity, header.transport());
   if (!access.ok()) return access;
+  const std::string transport = TransportName(header.transport());
   if (header.channel_id().empty()) {
-    return absl::InvalidArgumentError(
-        "channel_id: empty; a TRANSPORT_CUDA_IPC header names the channel OpenChannel returned");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "channel_id: empty; a ", transport, " header names the channel OpenChannel returned"));
   }
-  return environment.registry->Acquire(header.channel_id(), ChannelOwnerFor(identity));
+  absl::StatusOr<ChannelLease> lease =
+      environment.registry->Acquire(header.channel_id(), ChannelOwnerFor(identity));
+  if (!lease.ok()) return lease.status();
+  if ((*lease)->transport() != transport) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("channel_id: channel ", header.channel_id(), " is a ", (*lease)->transport(),
+                     " channel, the header's transport is ", transport));
+  }
+  if (header.transport() == v1::TRANSPORT_NCCL) {
+    NcclLink* link = (*lease)->resources().nccl_link();
+    if (link == nullptr || link->direction() != ChannelDirection::kToKvcd) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "channel_id: channel ", header.channel_id(),
+          " was opened with direction CHANNEL_DIRECTION_FROM_KVCD (it receives forwarded "
+          "caches); send caches over a channel opened with CHANNEL_DIRECTION_TO_KVCD"));
+    }
+  }
+  return lease;
+}
+
+absl::StatusOr<ChannelLease> AcquireForwardChannel(const ChannelEnvironment& environment,
+                                                   const CallIdentity& identity,
+                                                   const v1::CompressHeader& header) {
+  absl::Status access = CheckChannelAccess(environment, identity, v1::TRANSPORT_NCCL);
+  if (!access.ok()) {
+    return absl::Status(access.code(), absl::StrCat("forward_channel_id: ", access.message()));
+  }
+  absl::StatusOr<ChannelLease> lease =
+      environment.registry->AcquireById(header.forward_channel_id());
+  if (!lease.ok()) {
+    return absl::Status(lease.status().code(),
+                        absl::StrCat("forward_channel_id: ", lease.status().message()));
+  }
+  ForwardOutbox* outbox = (*lease)->resources().forward_outbox();
+  if (outbox == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "forward_channel_id: channel ", header.forward_channel_id(),
+        " is not an nccl channel opened with CHANNEL_DIRECTION_FROM_KVCD (a decode worker's)"));
+  }
+  if (!outbox->has_listener()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("forward_channel_id: channel ", header.forward_channel_id(),
+                     " has no listener; its decode worker must call ReceiveForwarded first"));
+  }
+  return lease;
 }
 
 }  // namespace kvcompress

@@ -3,16 +3,20 @@
 // KvCompressService wraps them after authenticating the call.
 //
 // Who may open a channel (DESIGN §7 "GPU transports only for authenticated peers"):
-//  - the transport must be built and enabled by the operator (cuda_ipc: --allow_cuda_ipc),
+//  - the transport must be built and enabled by the operator (cuda_ipc: --allow_cuda_ipc,
+//    nccl: --allow_nccl),
 //    else UNIMPLEMENTED ("not supported/enabled in this service", gRPC's definition), and
 //    kvcd must run the CUDA backend (FAILED_PRECONDITION);
 //  - the peer must be authenticated (bearer token or verified client certificate), else
 //    UNAUTHENTICATED — with one exception: a kvcd that requires no authentication at all
-//    (neither --auth_token_file nor --tls_client_ca) and was started with --allow_cuda_ipc
-//    lets every peer open channels. That is the single-tenant node where kvcd listens on
-//    localhost beside its prefill workers; kvcd logs a warning at start-up saying so.
+//    (neither --auth_token_file nor --tls_client_ca) and was started with --allow_cuda_ipc or
+//    --allow_nccl lets every peer open channels. That is the single-tenant node where kvcd listens
+//    on localhost beside its prefill workers; kvcd logs a warning at start-up saying so.
 // A channel then belongs to ChannelOwnerFor(identity): only that principal can use, extend or
-// close it (PERMISSION_DENIED for others). Unknown ids are FAILED_PRECONDITION.
+// close it (PERMISSION_DENIED for others). Unknown ids are FAILED_PRECONDITION. The one
+// exception is forwarding: a prefill client allowed to open nccl channels forwards into a
+// decode worker's channel by its id alone (AcquireForwardChannel) — the id is a 128-bit
+// secret the decode worker hands out.
 //
 // Thread safety: as the registry's.
 #ifndef KVCOMPRESS_SERVICE_CHANNEL_RPCS_H_
@@ -28,6 +32,7 @@
 #include "service/call_authenticator.h"
 #include "service/channel_registry.h"
 #include "service/cuda_ipc_transport.h"
+#include "service/nccl_transport.h"
 
 namespace kvcompress {
 
@@ -35,6 +40,10 @@ namespace kvcompress {
 // substitute host memory).
 using ChannelResourceFactory =
     std::function<absl::StatusOr<std::unique_ptr<ChannelResources>>(Backend& backend)>;
+
+// Makes kvcd's end of an nccl channel (MakeNcclLink; tests substitute their own links).
+using NcclLinkFactory = std::function<absl::StatusOr<std::unique_ptr<NcclLink>>(
+    Backend& backend, absl::string_view unique_id, ChannelDirection direction)>;
 
 struct ChannelEnvironment {
   ChannelRegistry* registry = nullptr;  // null: no channels (every channel RPC fails)
@@ -45,6 +54,11 @@ struct ChannelEnvironment {
   ChannelResourceFactory cuda_ipc_resources;  // null: MakeCudaIpcResources
   // Whether the build has cuda_ipc (CudaIpcCompiled(); tests of the rules set it).
   bool cuda_ipc_compiled = CudaIpcCompiled();
+  bool allow_nccl = false;     // --allow_nccl
+  NcclLinkFactory nccl_links;  // null: MakeNcclLink
+  bool nccl_compiled = NcclCompiled();
+  // Bound on every NCCL wait of a stream without a (nearer) deadline (--nccl_timeout).
+  absl::Duration nccl_timeout = absl::Seconds(120);
 };
 
 // OK when `identity` may open (or use) channels of `transport`; the status above otherwise.
@@ -62,11 +76,19 @@ absl::StatusOr<v1::RegisterRegionResponse> RegisterRegion(const ChannelEnvironme
                                                           const CallIdentity& identity,
                                                           const v1::RegisterRegionRequest& request);
 
-// The channel a cuda_ipc Compress header names, leased for the stream; access checked as for
-// OpenChannel. INVALID_ARGUMENT when the header names none.
+// The channel a cuda_ipc or nccl Compress header names, leased for the stream; access checked
+// as for OpenChannel. INVALID_ARGUMENT when the header names none, or a channel of another
+// transport or (nccl) of direction FROM_KVCD.
 absl::StatusOr<ChannelLease> AcquireStreamChannel(const ChannelEnvironment& environment,
                                                   const CallIdentity& identity,
                                                   const v1::CompressHeader& header);
+
+// The channel a header's forward_channel_id names, leased for the stream: the caller must be
+// allowed to open nccl channels; the channel must be an nccl channel of direction FROM_KVCD
+// (INVALID_ARGUMENT otherwise) whose decode worker is listening (FAILED_PRECONDITION).
+absl::StatusOr<ChannelLease> AcquireForwardChannel(const ChannelEnvironment& environment,
+                                                   const CallIdentity& identity,
+                                                   const v1::CompressHeader& header);
 
 }  // namespace kvcompress
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
 #include "service/spec_conversion.h"
 #include "service/status_conversion.h"
 
@@ -41,6 +42,10 @@ ErrorReason HeaderErrorReason(const v1::CompressRequest& request, const absl::St
     default:
       return ErrorReason::kInvalidHeader;
   }
+}
+
+uint64_t RowBytes(const CacheGeometry& geometry) {
+  return static_cast<uint64_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
 }
 
 uint64_t LayerBytes(const LayerInput& input) {
@@ -128,10 +133,14 @@ void CompressReactor::OnReadDone(bool ok) {
       new_header = std::make_unique<ValidatedHeader>(std::move(validated).value());
       assembler_ = std::make_unique<StreamAssembler>(new_header->geometry, new_header->sequences,
                                                      environment_.memory);
-      if (request_.header().transport() == v1::TRANSPORT_CUDA_IPC) {
-        status = StartCudaIpc(request_.header(), *new_header);
-        if (!status.ok()) reason = HeaderErrorReason(request_, status);
+      const v1::Transport transport = request_.header().transport();
+      if (transport == v1::TRANSPORT_CUDA_IPC || transport == v1::TRANSPORT_NCCL) {
+        status = StartDeviceTransport(request_.header(), *new_header);
       }
+      if (status.ok() && !request_.header().forward_channel_id().empty()) {
+        status = StartForward(request_.header(), *new_header);
+      }
+      if (!status.ok()) reason = HeaderErrorReason(request_, status);
     } else {
       status = validated.status();
       reason = HeaderErrorReason(request_, status);
@@ -143,6 +152,15 @@ void CompressReactor::OnReadDone(bool ok) {
       device_bytes_announced_ = ready_assembler_->bytes_received();
       completed.emplace();
       completed->device = *ready;
+      if (nccl_link_ != nullptr) {
+        status = ReceiveNcclLayer(*completed);
+        if (!status.ok()) {
+          reason = status.code() == absl::StatusCode::kResourceExhausted
+                       ? ErrorReason::kDeviceMemoryBudget
+                       : ErrorReason::kBackend;
+          completed.reset();
+        }
+      }
     } else {
       status = ready.status();
       reason = ErrorReason::kMalformedStream;
@@ -193,7 +211,7 @@ void CompressReactor::OnReadDone(bool ok) {
 }
 
 void CompressReactor::Enqueue(AssembledLayer layer) {
-  const uint64_t bytes = LayerBytes(layer.input);
+  const uint64_t bytes = LayerBytes(layer.input) + layer.device_bytes;
   ++jobs_in_flight_;
   job_bytes_ += bytes;
   absl::Status status = environment_.scheduler->Enqueue(
@@ -209,7 +227,7 @@ void CompressReactor::Enqueue(AssembledLayer layer) {
 
 void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueued) {
   const Clock::time_point started = Clock::now();
-  const uint64_t input_bytes = LayerBytes(layer.input);
+  const uint64_t input_bytes = LayerBytes(layer.input) + layer.device_bytes;
   bool skip;
   {
     absl::MutexLock lock(&mu_);
@@ -217,10 +235,24 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
   }
   absl::StatusOr<std::vector<LayerResult>> results =
       skip ? absl::StatusOr<std::vector<LayerResult>>(absl::CancelledError("stream ended"))
-      : layer.device.has_value() ? CompressDevice(*layer.device)
+      : layer.device.has_value() ? CompressDevice(layer)
                                  : header_->pipeline->AddLayer(std::move(layer.input));
   layer.input = LayerInput();
   layer.reservation.Release();
+  layer.device_transfer.reset();  // the received layer's device memory
+  uint64_t forwarded_bytes = 0;
+  if (results.ok() && forward_outbox_ != nullptr) {
+    for (const LayerResult& result : *results) {
+      forwarded_bytes +=
+          static_cast<uint64_t>(result.total_kept()) *
+          (2 * RowBytes(header_->geometry) + sizeof(int32_t) * (result.merged.empty() ? 1 : 2));
+    }
+    if (!layer.device.has_value()) {
+      if (absl::Status forwarded = ForwardHostResults(*results); !forwarded.ok()) {
+        results = forwarded;
+      }
+    }
+  }
   const Clock::time_point compressed_at = Clock::now();
 
   // Per-result accounting and encoding, outside the lock.
@@ -283,9 +315,19 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
       select_seconds_ += select;
       gather_seconds_ += gather;
       send_seconds_ += Seconds(encoded_at - compressed_at);  // result serialisation
-      for (EncodedLayerResult& result : encoded) {
-        outgoing_.push_back(std::move(result));
-        ++layers_final_;
+      if (forward_outbox_ != nullptr) {
+        // Delivered to the decode worker already; this stream carries only the summary.
+        layers_final_ += static_cast<int64_t>(encoded.size());
+        forwarded_layers_ += static_cast<uint32_t>(encoded.size());
+        bytes_out_ += forwarded_bytes;
+        if (environment_.metrics != nullptr && forwarded_bytes > 0) {
+          environment_.metrics->bytes_sent.Add({"nccl"}, static_cast<double>(forwarded_bytes));
+        }
+      } else {
+        for (EncodedLayerResult& result : encoded) {
+          outgoing_.push_back(std::move(result));
+          ++layers_final_;
+        }
       }
     }
   }
@@ -347,6 +389,12 @@ void CompressReactor::Continue() {
   if (terminal_) {
     if (jobs_in_flight_ == 0 && !write_in_flight_) {
       finish_called_ = true;
+      PostForwardEnd(status_);
+      if (nccl_link_ != nullptr) {
+        // The client may have sent tensors kvcd will never receive: the channel's byte stream
+        // is lost, so the channel goes (its next use answers FAILED_PRECONDITION).
+        nccl_link_->Abort(absl::StrCat("a stream on it failed: ", status_.message()));
+      }
       RecordOutcome(status_);
       Finish(ToGrpcStatus(status_));
     }
@@ -387,43 +435,135 @@ void CompressReactor::Continue() {
     }
     FillSummary(*response_.mutable_summary());
     finish_called_ = true;
+    PostForwardEnd(absl::OkStatus());
     RecordOutcome(absl::OkStatus());
     StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
   }
 }
 
-absl::Status CompressReactor::StartCudaIpc(const v1::CompressHeader& header,
-                                           const ValidatedHeader& validated) {
+absl::Status CompressReactor::StartDeviceTransport(const v1::CompressHeader& header,
+                                                   const ValidatedHeader& validated) {
+  const char* transport = header.transport() == v1::TRANSPORT_NCCL ? "nccl" : "cuda_ipc";
   absl::StatusOr<ChannelLease> lease =
       AcquireStreamChannel(environment_.channels, identity_, header);
   if (!lease.ok()) return lease.status();
   if (validated.backend != environment_.channels.device_backend) {
     return absl::UnimplementedError(absl::StrCat(
-        "transport cuda_ipc runs on kvcd's cuda backend, which cannot run this request (",
+        "transport ", transport, " runs on kvcd's cuda backend, which cannot run this request (",
         validated.backend_passed_over.message(), "); send it with TRANSPORT_INLINE"));
   }
   if (validated.spec.layer_budget == LayerBudgetKind::kDynamic) {
-    return absl::UnimplementedError(
-        "transport cuda_ipc: dynamic layer budgets are not implemented for device-resident "
-        "layers yet; use uniform or pyramid budgets, or TRANSPORT_INLINE");
+    return absl::UnimplementedError(absl::StrCat(
+        "transport ", transport,
+        ": dynamic layer budgets are not implemented for device-resident layers yet; use "
+        "uniform or pyramid budgets, or TRANSPORT_INLINE"));
   }
   channel_ = std::move(lease).value();
-  ready_assembler_ = std::make_unique<LayerReadyAssembler>(validated.geometry, validated.sequences,
-                                                           *channel_.get());
+  if (header.transport() == v1::TRANSPORT_NCCL) {
+    nccl_link_ = channel_->resources().nccl_link();
+    ready_assembler_ =
+        std::make_unique<LayerReadyAssembler>(validated.geometry, validated.sequences, nullptr);
+  } else {
+    ready_assembler_ = std::make_unique<LayerReadyAssembler>(validated.geometry,
+                                                             validated.sequences, channel_.get());
+  }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<LayerResult>> CompressReactor::CompressDevice(
-    const DeviceLayerInput& input) {
+absl::Status CompressReactor::StartForward(const v1::CompressHeader& header,
+                                           const ValidatedHeader& validated) {
+  if (validated.padded_output) {
+    return absl::InvalidArgumentError(
+        "output.format: forwarded layers are ragged (keys/values [sum kept, D] with positions); "
+        "OUTPUT_FORMAT_PADDED cannot be forwarded");
+  }
+  if (environment_.channels.device_backend == nullptr) {
+    return absl::FailedPreconditionError(
+        "forward_channel_id: forwarding needs kvcd's cuda backend (start kvcd with "
+        "--backend=cuda)");
+  }
+  absl::StatusOr<ChannelLease> lease =
+      AcquireForwardChannel(environment_.channels, identity_, header);
+  if (!lease.ok()) return lease.status();
+  forward_channel_ = std::move(lease).value();
+  forward_outbox_ = forward_channel_->resources().forward_outbox();
+  forward_geometry_ = header.geometry();
+  forward_shapes_.assign(header.sequences().begin(), header.sequences().end());
+  return absl::OkStatus();
+}
+
+absl::Time CompressReactor::NcclDeadline() const {
+  const absl::Time capped = absl::Now() + environment_.channels.nccl_timeout;
+  const absl::Time stream = absl::FromChrono(context_->deadline());
+  return std::min(capped, stream);
+}
+
+absl::Status CompressReactor::ReceiveNcclLayer(AssembledLayer& layer) {
+  absl::StatusOr<ReceivedDeviceLayer> received =
+      ReceiveDeviceLayer(*environment_.channels.device_backend, *nccl_link_, header_->geometry,
+                         *layer.device, NcclDeadline());
+  if (!received.ok()) return received.status();
+  layer.device = received->input;
+  layer.device_transfer = std::move(received->transfer);
+  layer.device_bytes = 2 * header_->geometry.KeyValueBytes(layer.device->shape.num_tokens) +
+                       header_->geometry.QueryBytes(layer.device->shape.num_window_queries);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<LayerResult>> CompressReactor::CompressDevice(AssembledLayer& layer) {
+  const DeviceLayerInput& input = *layer.device;
+  if (layer.device_transfer != nullptr) {
+    if (absl::Status received = layer.device_transfer->Wait(NcclDeadline()); !received.ok()) {
+      return received;
+    }
+  }
   const int64_t tokens_per_head = header_->pipeline->LayerTokenBudget(input.layer, input.shape);
   const bool keep_all =
       IsSkippedLayer(header_->spec, input.layer) || tokens_per_head >= input.shape.num_tokens;
-  absl::StatusOr<LayerResult> result = CompressDeviceLayer(
-      *header_->backend, header_->geometry, header_->spec, input, tokens_per_head, keep_all);
+  absl::StatusOr<LayerResult> result =
+      forward_outbox_ != nullptr
+          ? ForwardDeviceLayer(*header_->backend, header_->geometry, header_->spec, input,
+                               tokens_per_head, keep_all, ForwardContextFor(input.sequence))
+          : CompressDeviceLayer(*header_->backend, header_->geometry, header_->spec, input,
+                                tokens_per_head, keep_all);
   if (!result.ok()) return result.status();
   std::vector<LayerResult> results;
   results.push_back(std::move(result).value());
   return results;
+}
+
+absl::Status CompressReactor::ForwardHostResults(std::vector<LayerResult>& results) {
+  for (LayerResult& result : results) {
+    KVC_RETURN_IF_ERROR(ForwardHostLayer(*environment_.channels.device_backend, header_->geometry,
+                                         result, ForwardContextFor(result.sequence)));
+    result.keys = {};
+    result.values = {};
+    result.positions = {};
+  }
+  return absl::OkStatus();
+}
+
+ForwardContext CompressReactor::ForwardContextFor(int sequence) const {
+  ForwardContext forward;
+  forward.outbox = forward_outbox_;
+  forward.request_id = header_->request_id;
+  forward.geometry = &forward_geometry_;
+  forward.sequence_shape = &forward_shapes_.at(static_cast<size_t>(sequence));
+  forward.num_sequences = static_cast<uint32_t>(forward_shapes_.size());
+  forward.deadline = NcclDeadline();
+  return forward;
+}
+
+void CompressReactor::PostForwardEnd(const absl::Status& status) {
+  if (forward_outbox_ == nullptr || forward_end_posted_ || header_ == nullptr) return;
+  forward_end_posted_ = true;
+  v1::ForwardNotice notice;
+  v1::ForwardedRequestEnd& end = *notice.mutable_end();
+  end.set_request_id(header_->request_id);
+  end.set_status_code(static_cast<int32_t>(status.code()));
+  end.set_status_message(std::string(status.message()));
+  end.set_forwarded_layers(forwarded_layers_);
+  forward_outbox_->Post(std::move(notice));
 }
 
 void CompressReactor::NoteBackendRoute() {
@@ -449,6 +589,7 @@ void CompressReactor::FillSummary(v1::CompressSummary& summary) {
   summary.set_bytes_in(bytes_in_);
   summary.set_bytes_out(bytes_out_);
   summary.set_backend(std::string(header_->backend->name()));
+  summary.set_forwarded_layers(forwarded_layers_);
   v1::StageTimings& timings = *summary.mutable_timings();
   timings.set_receive_seconds(Seconds(receive_end_ - header_time_));
   timings.set_queue_seconds(queue_seconds_);

@@ -48,6 +48,7 @@
 #include "service/layer_ready_assembler.h"
 #include "service/layer_scheduler.h"
 #include "service/memory_budget.h"
+#include "service/nccl_transport.h"
 #include "service/server_limits.h"
 #include "service/stream_assembler.h"
 #include "service/structured_log.h"
@@ -101,11 +102,27 @@ class CompressReactor final
   void RunLayerJob(AssembledLayer layer, Clock::time_point enqueued);
 
   void Enqueue(AssembledLayer layer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // cuda_ipc header: leases the channel the header names and checks the request runs on the
-  // cuda backend with a per-layer budget (read path).
-  absl::Status StartCudaIpc(const v1::CompressHeader& header, const ValidatedHeader& validated);
-  // Runs on a worker: one device-resident layer through the cuda backend's device path.
-  absl::StatusOr<std::vector<LayerResult>> CompressDevice(const DeviceLayerInput& input);
+  // cuda_ipc / nccl header: leases the channel the header names and checks the request runs
+  // on the cuda backend with a per-layer budget (read path).
+  absl::Status StartDeviceTransport(const v1::CompressHeader& header,
+                                    const ValidatedHeader& validated);
+  // Header with forward_channel_id: leases the decode worker's channel (read path).
+  absl::Status StartForward(const v1::CompressHeader& header, const ValidatedHeader& validated);
+  // nccl: enqueues the receives of an announced layer into pooled device memory (read path,
+  // so that receives keep the order of the layer_ready messages).
+  absl::Status ReceiveNcclLayer(AssembledLayer& layer);
+  // Runs on a worker: one device-resident layer through the cuda backend's device path
+  // (waiting for its nccl receive first), forwarded when the stream forwards.
+  absl::StatusOr<std::vector<LayerResult>> CompressDevice(AssembledLayer& layer);
+  // Runs on a worker: forwards host-resident results (inline input); their tensors are
+  // released.
+  absl::Status ForwardHostResults(std::vector<LayerResult>& results);
+  // What ForwardDeviceLayer / ForwardHostLayer need for a layer of `sequence`.
+  ForwardContext ForwardContextFor(int sequence) const;
+  // The deadline of one NCCL wait: the stream's, capped by --nccl_timeout from now.
+  absl::Time NcclDeadline() const;
+  // Tells the forward channel's listener that this request ended (once).
+  void PostForwardEnd(const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends the stream with `status` (first error wins; `reason` labels kvcompress_errors_total);
   // Continue finishes once it is safe.
   void Fail(absl::Status status, ErrorReason reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -139,6 +156,13 @@ class CompressReactor final
   ChannelLease channel_;
   std::unique_ptr<LayerReadyAssembler> ready_assembler_;
   uint64_t device_bytes_announced_ = 0;
+  NcclLink* nccl_link_ = nullptr;  // nccl streams: the channel's communicator
+  // Forwarding streams: the decode worker's channel, leased until the reactor is deleted;
+  // written on the read path before the first job exists, read-only afterwards.
+  ChannelLease forward_channel_;
+  ForwardOutbox* forward_outbox_ = nullptr;
+  v1::CacheGeometry forward_geometry_;
+  std::vector<v1::SequenceShape> forward_shapes_;
 
   // Written once, under mu_, when the header is accepted (before the first job exists);
   // immutable afterwards, so workers read it without the lock.
@@ -173,6 +197,8 @@ class CompressReactor final
   uint64_t tokens_kept_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t layers_final_ ABSL_GUARDED_BY(mu_) = 0;
   uint32_t deferred_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t forwarded_layers_ ABSL_GUARDED_BY(mu_) = 0;
+  bool forward_end_posted_ ABSL_GUARDED_BY(mu_) = false;
   double queue_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double score_seconds_ ABSL_GUARDED_BY(mu_) = 0;
   double select_seconds_ ABSL_GUARDED_BY(mu_) = 0;

@@ -15,6 +15,7 @@
 #include "kernels/cuda/device_uuid.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/status_macros.h"
+#include "service/nccl_transport.h"
 
 namespace kvcompress {
 namespace {
@@ -137,19 +138,18 @@ absl::StatusOr<std::unique_ptr<ChannelResources>> MakeCudaIpcResources(Backend& 
   return std::unique_ptr<ChannelResources>(new CudaIpcResources(compressor->device()));
 }
 
-absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                                const MethodSpec& spec,
-                                                const DeviceLayerInput& input,
-                                                int64_t tokens_per_head, bool keep_all) {
-  CudaCompressor* compressor = CudaCompressorOf(backend);
-  if (compressor == nullptr) {
-    return absl::FailedPreconditionError("transport cuda_ipc needs kvcd's cuda backend");
-  }
-  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
-  // Declared before the result, so that the result's memory is freed in the stream's order
-  // and the stream is synchronised and destroyed after it.
-  ScopedStream stream;
-  KVC_RETURN_IF_ERROR(stream.Create());
+namespace {
+
+// One device-resident layer compressed on `stream`, its results still in device memory, and
+// their metadata (kept per head, offsets, attention mass) on the host.
+struct DeviceLayerOutcome {
+  DeviceBatchResult out;
+  LayerResult metadata;  // tensors empty
+};
+
+absl::StatusOr<DeviceLayerOutcome> RunDeviceLayer(
+    CudaCompressor& compressor, const CacheGeometry& geometry, const MethodSpec& spec,
+    const DeviceLayerInput& input, int64_t tokens_per_head, bool keep_all, cudaStream_t stream) {
   DeviceLayerJob job;
   job.sequence = input.sequence;
   job.layer = input.layer;
@@ -160,38 +160,26 @@ absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeo
   job.input.shape = input.shape;
   job.tokens_per_head = tokens_per_head;
   job.keep_all = keep_all;
+  DeviceLayerOutcome outcome;
   KVC_ASSIGN_OR_RETURN(
-      DeviceBatchResult out,
-      compressor->Compress(geometry, spec, std::span<const DeviceLayerJob>(&job, 1), stream.get()));
+      outcome.out,
+      compressor.Compress(geometry, spec, std::span<const DeviceLayerJob>(&job, 1), stream));
+  const DeviceBatchResult& out = outcome.out;
   const DeviceLayerResult& layer = out.layers.at(0);
   const int num_heads = geometry.num_kv_heads;
-  const size_t rows = static_cast<size_t>(layer.num_rows);
-  const size_t first = static_cast<size_t>(layer.first_row);
-  LayerResult result;
+  LayerResult& result = outcome.metadata;
   result.sequence = layer.sequence;
   result.layer = layer.layer;
-  result.keys.resize(rows * out.row_bytes);
-  result.values.resize(rows * out.row_bytes);
-  result.positions.resize(rows);
   double mass_sum = 0;
   std::vector<int32_t> head_counts(num_heads, layer.kept_per_head);
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.keys.data(), out.keys + first * out.row_bytes,
-                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
-                                           stream.get()));
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.values.data(), out.values + first * out.row_bytes,
-                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
-                                           stream.get()));
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.positions.data(), out.positions + first,
-                                           rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                           stream.get()));
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&mass_sum, out.mass_sums, sizeof(double),
-                                           cudaMemcpyDeviceToHost, stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(&mass_sum, out.mass_sums, sizeof(double), cudaMemcpyDeviceToHost, stream));
   if (layer.ragged_heads) {
     KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(head_counts.data(), out.head_counts,
                                              num_heads * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                             stream.get()));
+                                             stream));
   }
-  KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   result.kept = head_counts;
   result.offsets.resize(num_heads + 1);
   int64_t offset = 0;
@@ -201,13 +189,82 @@ absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeo
   }
   result.offsets[num_heads] = static_cast<int32_t>(offset);
   if (offset != layer.num_rows) {
-    return absl::InternalError(absl::StrCat("cuda_ipc: sequence ", result.sequence, " layer ",
-                                            result.layer, ": heads kept ", offset,
-                                            " rows in all, expected ", layer.num_rows));
+    return absl::InternalError(absl::StrCat("sequence ", result.sequence, " layer ", result.layer,
+                                            ": heads kept ", offset, " rows in all, expected ",
+                                            layer.num_rows));
   }
   result.attention_mass_kept =
       layer.mass_scale > 0 ? mass_sum * layer.mass_scale : layer.mass_fixed;
+  return outcome;
+}
+
+}  // namespace
+
+absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
+                                                const MethodSpec& spec,
+                                                const DeviceLayerInput& input,
+                                                int64_t tokens_per_head, bool keep_all) {
+  CudaCompressor* compressor = CudaCompressorOf(backend);
+  if (compressor == nullptr) {
+    return absl::FailedPreconditionError("device-resident layers need kvcd's cuda backend");
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
+  // Declared before the result, so that the result's memory is freed in the stream's order
+  // and the stream is synchronised and destroyed after it.
+  ScopedStream stream;
+  KVC_RETURN_IF_ERROR(stream.Create());
+  KVC_ASSIGN_OR_RETURN(
+      DeviceLayerOutcome outcome,
+      RunDeviceLayer(*compressor, geometry, spec, input, tokens_per_head, keep_all, stream.get()));
+  const DeviceBatchResult& out = outcome.out;
+  const DeviceLayerResult& layer = out.layers.at(0);
+  const size_t rows = static_cast<size_t>(layer.num_rows);
+  const size_t first = static_cast<size_t>(layer.first_row);
+  LayerResult result = std::move(outcome.metadata);
+  result.keys.resize(rows * out.row_bytes);
+  result.values.resize(rows * out.row_bytes);
+  result.positions.resize(rows);
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.keys.data(), out.keys + first * out.row_bytes,
+                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.values.data(), out.values + first * out.row_bytes,
+                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.positions.data(), out.positions + first,
+                                           rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                           stream.get()));
+  KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
   return result;
+}
+
+absl::StatusOr<LayerResult> ForwardDeviceLayer(Backend& backend, const CacheGeometry& geometry,
+                                               const MethodSpec& spec,
+                                               const DeviceLayerInput& input,
+                                               int64_t tokens_per_head, bool keep_all,
+                                               const ForwardContext& forward) {
+  CudaCompressor* compressor = CudaCompressorOf(backend);
+  if (compressor == nullptr || forward.outbox == nullptr) {
+    return absl::FailedPreconditionError("forwarding needs kvcd's cuda backend");
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
+  ScopedStream stream;
+  KVC_RETURN_IF_ERROR(stream.Create());
+  KVC_ASSIGN_OR_RETURN(
+      DeviceLayerOutcome outcome,
+      RunDeviceLayer(*compressor, geometry, spec, input, tokens_per_head, keep_all, stream.get()));
+  // RunDeviceLayer synchronised the stream: the results are in device memory, and stay there
+  // (outcome.out owns them) until the sends complete.
+  const DeviceBatchResult& out = outcome.out;
+  const DeviceLayerResult& layer = out.layers.at(0);
+  const uint64_t rows = static_cast<uint64_t>(layer.num_rows);
+  const uint64_t first = static_cast<uint64_t>(layer.first_row);
+  const DeviceSpan tensors[] = {
+      {out.keys + first * out.row_bytes, rows * out.row_bytes},
+      {out.values + first * out.row_bytes, rows * out.row_bytes},
+      {reinterpret_cast<std::byte*>(out.positions + first), rows * sizeof(int32_t)}};
+  KVC_RETURN_IF_ERROR(forward.outbox->Deliver(
+      ForwardNoticeFor(outcome.metadata, out.row_bytes, forward), tensors, forward.deadline));
+  return std::move(outcome.metadata);
 }
 
 }  // namespace kvcompress

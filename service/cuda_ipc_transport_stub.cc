@@ -1,5 +1,6 @@
 // The cuda_ipc transport in a build without CUDA.
 #include "service/cuda_ipc_transport.h"
+#include "service/nccl_transport.h"
 
 namespace kvcompress {
 namespace {
@@ -24,6 +25,16 @@ absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeo
                                                 const DeviceLayerInput& input,
                                                 int64_t tokens_per_head, bool keep_all) {
   (void)backend, (void)geometry, (void)spec, (void)input, (void)tokens_per_head, (void)keep_all;
+  return NotBuilt();
+}
+
+absl::StatusOr<LayerResult> ForwardDeviceLayer(Backend& backend, const CacheGeometry& geometry,
+                                               const MethodSpec& spec,
+                                               const DeviceLayerInput& input,
+                                               int64_t tokens_per_head, bool keep_all,
+                                               const ForwardContext& forward) {
+  (void)backend, (void)geometry, (void)spec, (void)input, (void)tokens_per_head, (void)keep_all,
+      (void)forward;
   return NotBuilt();
 }
 

@@ -52,15 +52,14 @@ absl::Status ValidateTransport(v1::Transport transport) {
     case v1::TRANSPORT_INLINE:
       return absl::OkStatus();
     case v1::TRANSPORT_CUDA_IPC:
-      // The stream's channel (and whether cuda_ipc is built and enabled) is checked when the
-      // reactor leases it (service/channel_rpcs.h).
-      return absl::OkStatus();
     case v1::TRANSPORT_NCCL:
-      return absl::UnimplementedError(
-          "transport nccl is not available in this build; use TRANSPORT_INLINE");
+      // The stream's channel (and whether the transport is built and enabled) is checked when
+      // the reactor leases it (service/channel_rpcs.h).
+      return absl::OkStatus();
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "transport: unknown value ", static_cast<int>(transport), "; expected TRANSPORT_INLINE"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("transport: unknown value ", static_cast<int>(transport),
+                       "; expected TRANSPORT_INLINE, TRANSPORT_CUDA_IPC or TRANSPORT_NCCL"));
   }
 }
 

@@ -149,6 +149,8 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
     environment.channels.device_backend = nullptr;
   }
   environment.channels.allow_cuda_ipc = options.allow_cuda_ipc;
+  environment.channels.allow_nccl = options.allow_nccl;
+  environment.channels.nccl_timeout = absl::FromChrono(options.nccl_timeout);
   if (options.channel_resources_for_testing) {
     environment.channels.cuda_ipc_resources = std::move(options.channel_resources_for_testing);
     environment.channels.cuda_ipc_compiled = true;
@@ -165,13 +167,23 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
                                     "--allow_cuda_ipc: kvcd runs the cpu backend; OpenChannel "
                                     "answers FAILED_PRECONDITION until kvcd runs --backend=cuda"}});
   }
-  if (options.allow_cuda_ipc && !environment.channels.authentication_configured) {
+  if (options.allow_nccl && !environment.channels.nccl_compiled) {
+    server->log_->Emit("warning", {{"message",
+                                    "--allow_nccl: this kvcd was built without CUDA or NCCL; "
+                                    "nccl channels answer UNIMPLEMENTED"}});
+  } else if (options.allow_nccl && environment.channels.device_backend == nullptr) {
+    server->log_->Emit("warning", {{"message",
+                                    "--allow_nccl: kvcd runs the cpu backend; nccl channels "
+                                    "answer FAILED_PRECONDITION until kvcd runs --backend=cuda"}});
+  }
+  if ((options.allow_cuda_ipc || options.allow_nccl) &&
+      !environment.channels.authentication_configured) {
     server->log_->Emit(
         "warning",
         {{"message",
-          "--allow_cuda_ipc without --auth_token_file or --tls_client_ca: every peer that "
-          "reaches the gRPC port may open cuda_ipc channels; listen on localhost or require "
-          "authentication"}});
+          "--allow_cuda_ipc/--allow_nccl without --auth_token_file or --tls_client_ca: every "
+          "peer that reaches the gRPC port may open GPU channels; listen on localhost or "
+          "require authentication"}});
   }
   const ChannelRegistry* channels = server->channels_.get();
   server->registry_.AddLabeledGaugeCallback(
@@ -203,10 +215,13 @@ absl::StatusOr<std::unique_ptr<KvcServer>> KvcServer::Start(ServerOptions option
       environment,
       [router, limits = options.limits, threads = scheduler->num_threads(),
        cuda_ipc = environment.channels.allow_cuda_ipc && environment.channels.cuda_ipc_compiled &&
-                  environment.channels.device_backend != nullptr] {
+                  environment.channels.device_backend != nullptr,
+       nccl = environment.channels.allow_nccl && environment.channels.nccl_compiled &&
+              environment.channels.device_backend != nullptr] {
         v1::ServerInfo info = BuildServerInfo(KVC_VERSION, router->backends(), limits, threads);
-        // Transports a client can use here: cuda_ipc when built, enabled and on the GPU.
+        // Transports a client can use here: GPU ones when built, enabled and on the GPU.
         if (cuda_ipc) info.add_transports(v1::TRANSPORT_CUDA_IPC);
+        if (nccl) info.add_transports(v1::TRANSPORT_NCCL);
         return info;
       });
 

@@ -61,6 +61,8 @@ struct ServerOptions {
   uint64_t cuda_memory_budget_bytes = 0;  // 0: 90% of the device memory free at start
   // Data-plane channels of GPU transports (service/channel_rpcs.h says who may open them).
   bool allow_cuda_ipc = false;                     // --allow_cuda_ipc
+  bool allow_nccl = false;                         // --allow_nccl
+  std::chrono::seconds nccl_timeout{120};          // --nccl_timeout
   std::chrono::seconds channel_idle_timeout{300};  // --channel_idle_timeout
   size_t max_channels = 64;                        // --max_channels
   // Tests: cuda_ipc channels get their resources from this (host memory), as if the build had

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "service/channel_rpcs.h"
+#include "service/forward_listener.h"
 #include "service/status_conversion.h"
 
 namespace kvcompress {
@@ -125,6 +126,13 @@ grpc::ServerUnaryReactor* KvCompressService::RegisterRegion(
       environment_, context, "RegisterRegion", response, [&](const CallIdentity& identity) {
         return kvcompress::RegisterRegion(environment_.channels, identity, *request);
       });
+}
+
+grpc::ServerWriteReactor<v1::ForwardNotice>* KvCompressService::ReceiveForwarded(
+    grpc::CallbackServerContext* context, const v1::ReceiveForwardedRequest* request) {
+  return new ForwardListenerReactor(environment_.channels,
+                                    AuthenticateCall(environment_, *context, "ReceiveForwarded"),
+                                    *request);
 }
 
 }  // namespace kvcompress

@@ -52,6 +52,8 @@ class KvCompressService final : public v1::KvCompress::CallbackService {
   grpc::ServerUnaryReactor* RegisterRegion(grpc::CallbackServerContext* context,
                                            const v1::RegisterRegionRequest* request,
                                            v1::RegisterRegionResponse* response) override;
+  grpc::ServerWriteReactor<v1::ForwardNotice>* ReceiveForwarded(
+      grpc::CallbackServerContext* context, const v1::ReceiveForwardedRequest* request) override;
 
   // New streams are refused with UNAVAILABLE from now on.
   void StartDraining() { draining_.store(true); }

@@ -9,7 +9,7 @@ namespace kvcompress {
 
 LayerReadyAssembler::LayerReadyAssembler(const CacheGeometry& geometry,
                                          std::vector<SequenceShape> sequences,
-                                         const Channel& channel)
+                                         const Channel* channel)
     : geometry_(geometry),
       sequences_(std::move(sequences)),
       channel_(channel),
@@ -22,8 +22,9 @@ absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddRequest(
       return AddLayerReady(request.layer_ready());
     case v1::CompressRequest::kChunk:
       return absl::InvalidArgumentError(
-          "chunk on a cuda_ipc stream: with transport TRANSPORT_CUDA_IPC every layer comes as a "
-          "layer_ready pointing into the channel's regions");
+          absl::StrCat("chunk on a ", TransportName(),
+                       " stream: every layer comes as a "
+                       "layer_ready (and its tensors through the channel)"));
     case v1::CompressRequest::kHeader:
       return absl::InvalidArgumentError(
           "second header: a Compress stream carries exactly one header, as its first message");
@@ -31,8 +32,8 @@ absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddRequest(
       break;
   }
   return absl::InvalidArgumentError(
-      "empty CompressRequest: after the header every message of a cuda_ipc stream must carry a "
-      "layer_ready");
+      absl::StrCat("empty CompressRequest: after the header every message of a ", TransportName(),
+                   " stream must carry a layer_ready"));
 }
 
 absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddLayerReady(const v1::LayerReady& ready) {
@@ -69,12 +70,21 @@ absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddLayerReady(const v1::La
       }
       return nullptr;
     }
+    if (channel_ == nullptr) {
+      // nccl: the tensor comes over the communicator; a slice would be a client's mistake.
+      if (present) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, ": a region slice on an nccl stream; nccl layer_ready messages carry none"));
+      }
+      bytes += expected;
+      return nullptr;
+    }
     if (!present) {
       return absl::InvalidArgumentError(
           absl::StrCat(field, ": missing; expected a region slice of ", expected, " bytes"));
     }
     absl::StatusOr<std::byte*> address =
-        channel_.ResolveSlice(slice.region(), slice.offset(), slice.bytes(), expected, field);
+        channel_->ResolveSlice(slice.region(), slice.offset(), slice.bytes(), expected, field);
     if (!address.ok()) return address.status();
     bytes += expected;
     return *address;
@@ -105,6 +115,10 @@ absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddLayerReady(const v1::La
   ++layers_completed_;
   bytes_received_ += bytes;
   return input;
+}
+
+const char* LayerReadyAssembler::TransportName() const {
+  return channel_ == nullptr ? "nccl" : "cuda_ipc";
 }
 
 absl::Status LayerReadyAssembler::CheckComplete() const {

@@ -1,6 +1,6 @@
-// LayerReadyAssembler: the cuda_ipc counterpart of StreamAssembler. It turns the LayerReady
-// messages of one Compress stream into device layers, checking each against the header and
-// the stream's channel: the sequence and layer exist and arrive once; keys and values are
+// LayerReadyAssembler: the cuda_ipc (and nccl) counterpart of StreamAssembler. It turns the
+// LayerReady messages of one Compress stream into device layers, checking each against the header
+// and the stream's channel: the sequence and layer exist and arrive once; keys and values are
 // present, queries exactly when the sequence declares window queries, scores exactly when it
 // declares score heads; every slice has the tensor's size from the header geometry, a
 // 16-byte-aligned offset and lies inside a region registered on the channel
@@ -28,10 +28,12 @@ namespace kvcompress {
 
 class LayerReadyAssembler final {
  public:
-  // Requirements on geometry and sequences as StreamAssembler's. `channel` must outlive the
-  // assembler (the stream holds its lease).
+  // Requirements on geometry and sequences as StreamAssembler's. `channel` (cuda_ipc) must
+  // outlive the assembler (the stream holds its lease). A null channel is an nccl stream:
+  // layer_ready messages must then carry no slices, and the layers come back with null
+  // tensor pointers (the tensors arrive over the communicator).
   LayerReadyAssembler(const CacheGeometry& geometry, std::vector<SequenceShape> sequences,
-                      const Channel& channel);
+                      const Channel* channel);
   LayerReadyAssembler(const LayerReadyAssembler&) = delete;
   LayerReadyAssembler& operator=(const LayerReadyAssembler&) = delete;
 
@@ -51,7 +53,9 @@ class LayerReadyAssembler final {
  private:
   const CacheGeometry geometry_;
   const std::vector<SequenceShape> sequences_;
-  const Channel& channel_;
+  const char* TransportName() const;
+
+  const Channel* channel_;       // null: nccl
   std::vector<bool> announced_;  // [sequence * num_layers + layer]
   int64_t layers_completed_ = 0;
   uint64_t bytes_received_ = 0;

@@ -70,6 +70,12 @@ ABSL_FLAG(
     bool, allow_cuda_ipc, false,
     "enable the cuda_ipc transport (same-node GPU-direct; needs --backend=cuda). Channels are "
     "for authenticated peers only, unless kvcd requires no authentication at all");
+ABSL_FLAG(bool, allow_nccl, false,
+          "enable the nccl transport and forwarding to decode workers (GPU-direct over NCCL; "
+          "needs --backend=cuda). Same access rule as --allow_cuda_ipc");
+ABSL_FLAG(absl::Duration, nccl_timeout, absl::Seconds(120),
+          "the longest any NCCL transfer of a stream may wait (peer joining, stalled or dead "
+          "peers), when the stream's own deadline is later; the channel is aborted past it");
 ABSL_FLAG(absl::Duration, channel_idle_timeout, absl::Minutes(5),
           "close a data-plane channel unused for this long (also the most a client may ask for)");
 ABSL_FLAG(uint64_t, max_channels, 64, "most data-plane channels open at once");
@@ -170,6 +176,9 @@ int main(int argc, char** argv) {
   options.cuda_device = absl::GetFlag(FLAGS_cuda_device);
   options.cuda_memory_budget_bytes = absl::GetFlag(FLAGS_cuda_memory_budget_bytes);
   options.allow_cuda_ipc = absl::GetFlag(FLAGS_allow_cuda_ipc);
+  options.allow_nccl = absl::GetFlag(FLAGS_allow_nccl);
+  options.nccl_timeout = std::chrono::seconds(
+      std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_nccl_timeout))));
   options.channel_idle_timeout = std::chrono::seconds(
       std::max<int64_t>(1, absl::ToInt64Seconds(absl::GetFlag(FLAGS_channel_idle_timeout))));
   options.max_channels = absl::GetFlag(FLAGS_max_channels);
@@ -229,6 +238,7 @@ int main(int argc, char** argv) {
              {"worker_threads", kvcd.worker_threads()},
              {"channels",
               {{"cuda_ipc", absl::GetFlag(FLAGS_allow_cuda_ipc)},
+               {"nccl", absl::GetFlag(FLAGS_allow_nccl)},
                {"idle_timeout_s", absl::ToInt64Seconds(absl::GetFlag(FLAGS_channel_idle_timeout))},
                {"max_channels", absl::GetFlag(FLAGS_max_channels)}}},
              {"limits",

@@ -19,6 +19,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -29,6 +30,7 @@
 #include "kvcompress/v1/kvcompress.pb.h"
 #include "service/cuda_ipc_transport.h"
 #include "service/memory_budget.h"
+#include "service/nccl_link.h"
 
 namespace kvcompress {
 
@@ -41,6 +43,9 @@ struct AssembledLayer {
   LayerInput input;
   MemoryReservation reservation;
   std::optional<DeviceLayerInput> device;
+  // nccl: the receive that fills `device` (and owns its memory); null for other transports.
+  std::shared_ptr<NcclTransfer> device_transfer;
+  uint64_t device_bytes = 0;  // device memory `device_transfer` holds
 };
 
 class StreamAssembler final {

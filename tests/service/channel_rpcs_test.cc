@@ -6,6 +6,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/service/fake_nccl_link.h"
 
 namespace kvcompress {
 namespace {
@@ -163,6 +164,183 @@ TEST(ChannelRpcsRealTransportTest, WithoutCudaTheTransportIsUnimplemented) {
     EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented) << status;
     EXPECT_THAT(status.message(), HasSubstr("built without CUDA"));
   }
+}
+
+}  // namespace
+}  // namespace kvcompress
+
+namespace kvcompress {
+namespace {
+
+using ::kvcompress::testing::FakeNcclLink;
+using ::testing::HasSubstr;
+
+class RecordingListener final : public ForwardListener {
+ public:
+  void Post(v1::ForwardNotice) override {}
+  void Close(const absl::Status&) override {}
+};
+
+class NcclChannelRpcsTest : public ::testing::Test {
+ protected:
+  NcclChannelRpcsTest() : registry_(ChannelRegistryOptions{}), backend_(MakeCpuBackend(1)) {
+    environment_.registry = &registry_;
+    environment_.device_backend = backend_.get();
+    environment_.allow_nccl = true;
+    environment_.nccl_compiled = true;
+    environment_.authentication_configured = true;
+    environment_.nccl_links =
+        [this](Backend&, absl::string_view unique_id,
+               ChannelDirection direction) -> absl::StatusOr<std::unique_ptr<NcclLink>> {
+      last_unique_id_ = std::string(unique_id);
+      auto link = std::make_unique<FakeNcclLink>(direction);
+      links_.push_back(link.get());
+      return std::unique_ptr<NcclLink>(std::move(link));
+    };
+    prefill_.authenticated = prefill_.certificate_verified = true;
+    prefill_.certificate_subject = "prefill-0";
+    decode_.authenticated = decode_.certificate_verified = true;
+    decode_.certificate_subject = "decode-0";
+  }
+
+  static v1::OpenChannelRequest Request(v1::ChannelDirection direction) {
+    v1::OpenChannelRequest request;
+    request.set_transport(v1::TRANSPORT_NCCL);
+    request.mutable_nccl()->set_unique_id(std::string(kNcclUniqueIdBytes, 'u'));
+    request.mutable_nccl()->set_direction(direction);
+    return request;
+  }
+
+  std::string Open(const CallIdentity& who, v1::ChannelDirection direction) {
+    absl::StatusOr<v1::OpenChannelResponse> opened =
+        OpenChannel(environment_, who, Request(direction));
+    EXPECT_TRUE(opened.ok()) << opened.status();
+    return opened.ok() ? opened->channel_id() : "";
+  }
+
+  ChannelRegistry registry_;
+  std::unique_ptr<Backend> backend_;
+  ChannelEnvironment environment_;
+  CallIdentity anonymous_, prefill_, decode_;
+  std::string last_unique_id_;
+  std::vector<FakeNcclLink*> links_;
+};
+
+TEST_F(NcclChannelRpcsTest, OpensWithTheClientsUniqueIdAndDirection) {
+  const std::string id = Open(prefill_, v1::CHANNEL_DIRECTION_TO_KVCD);
+  EXPECT_EQ(last_unique_id_, std::string(kNcclUniqueIdBytes, 'u'));
+  EXPECT_EQ(registry_.OpenChannels("nccl"), 1u);
+  ASSERT_EQ(links_.size(), 1u);
+  EXPECT_EQ(links_[0]->direction(), ChannelDirection::kToKvcd);
+  Open(decode_, v1::CHANNEL_DIRECTION_FROM_KVCD);
+  EXPECT_EQ(links_[1]->direction(), ChannelDirection::kFromKvcd);
+  // Regions are for cuda_ipc channels.
+  v1::RegisterRegionRequest region;
+  region.set_channel_id(id);
+  region.mutable_region()->set_ipc_handle(std::string(64, 'h'));
+  region.mutable_region()->set_size_bytes(64);
+  EXPECT_EQ(RegisterRegion(environment_, prefill_, region).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // Closing aborts the communicator.
+  v1::CloseChannelRequest close;
+  close.set_channel_id(id);
+  ASSERT_TRUE(CloseChannel(environment_, prefill_, close).ok());
+  EXPECT_TRUE(links_[0]->aborted());
+}
+
+TEST_F(NcclChannelRpcsTest, RefusesBadRequestsNamingTheField) {
+  v1::OpenChannelRequest missing = Request(v1::CHANNEL_DIRECTION_TO_KVCD);
+  missing.clear_nccl();
+  absl::Status status = OpenChannel(environment_, prefill_, missing).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("nccl.unique_id"));
+
+  v1::OpenChannelRequest short_id = Request(v1::CHANNEL_DIRECTION_TO_KVCD);
+  short_id.mutable_nccl()->set_unique_id("abc");
+  status = OpenChannel(environment_, prefill_, short_id).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("128 bytes"));
+
+  v1::OpenChannelRequest bad_direction = Request(v1::CHANNEL_DIRECTION_TO_KVCD);
+  bad_direction.mutable_nccl()->set_direction(static_cast<v1::ChannelDirection>(9));
+  EXPECT_EQ(OpenChannel(environment_, prefill_, bad_direction).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  v1::OpenChannelRequest with_regions = Request(v1::CHANNEL_DIRECTION_TO_KVCD);
+  with_regions.add_regions()->set_size_bytes(1);
+  EXPECT_EQ(OpenChannel(environment_, prefill_, with_regions).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(links_.empty());
+  EXPECT_EQ(registry_.OpenChannels(), 0u);
+}
+
+TEST_F(NcclChannelRpcsTest, TheOperatorEnablesNcclAndPeersMustBeAuthenticated) {
+  environment_.allow_nccl = false;
+  absl::Status status =
+      OpenChannel(environment_, prefill_, Request(v1::CHANNEL_DIRECTION_TO_KVCD)).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(status.message(), HasSubstr("--allow_nccl"));
+  environment_.allow_nccl = true;
+  EXPECT_EQ(
+      OpenChannel(environment_, anonymous_, Request(v1::CHANNEL_DIRECTION_TO_KVCD)).status().code(),
+      absl::StatusCode::kUnauthenticated);
+  environment_.nccl_compiled = false;
+  status = OpenChannel(environment_, prefill_, Request(v1::CHANNEL_DIRECTION_TO_KVCD)).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(status.message(), HasSubstr("NCCL"));
+}
+
+TEST_F(NcclChannelRpcsTest, StreamsUseOnlyTheirOwnToKvcdChannels) {
+  const std::string in = Open(prefill_, v1::CHANNEL_DIRECTION_TO_KVCD);
+  const std::string out = Open(decode_, v1::CHANNEL_DIRECTION_FROM_KVCD);
+  v1::CompressHeader header;
+  header.set_transport(v1::TRANSPORT_NCCL);
+  header.set_channel_id(in);
+  EXPECT_TRUE(AcquireStreamChannel(environment_, prefill_, header).ok());
+  EXPECT_EQ(AcquireStreamChannel(environment_, decode_, header).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  // A FROM_KVCD channel receives forwarded caches; it carries none in.
+  header.set_channel_id(out);
+  absl::Status status = AcquireStreamChannel(environment_, decode_, header).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("CHANNEL_DIRECTION_TO_KVCD"));
+  // The header's transport must be the channel's.
+  header.set_channel_id(in);
+  header.set_transport(v1::TRANSPORT_CUDA_IPC);
+  environment_.allow_cuda_ipc = environment_.cuda_ipc_compiled = true;
+  status = AcquireStreamChannel(environment_, prefill_, header).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("is a nccl channel"));
+}
+
+TEST_F(NcclChannelRpcsTest, ForwardingNeedsTheIdOfAListeningFromKvcdChannel) {
+  const std::string in = Open(prefill_, v1::CHANNEL_DIRECTION_TO_KVCD);
+  const std::string out = Open(decode_, v1::CHANNEL_DIRECTION_FROM_KVCD);
+  v1::CompressHeader header;
+  header.set_forward_channel_id("00000000000000000000000000000000");
+  absl::Status status = AcquireForwardChannel(environment_, prefill_, header).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("forward_channel_id"));
+
+  header.set_forward_channel_id(in);
+  EXPECT_EQ(AcquireForwardChannel(environment_, prefill_, header).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  header.set_forward_channel_id(out);
+  status = AcquireForwardChannel(environment_, prefill_, header).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(), HasSubstr("ReceiveForwarded"));
+
+  // Once the decode worker listens, another principal holding the id may forward into it.
+  absl::StatusOr<ChannelLease> listened = registry_.Acquire(out, ChannelOwnerFor(decode_));
+  ASSERT_TRUE(listened.ok());
+  RecordingListener listener;
+  ASSERT_TRUE((*listened)->resources().forward_outbox()->Attach(&listener).ok());
+  EXPECT_TRUE(AcquireForwardChannel(environment_, prefill_, header).ok());
+  // Unauthenticated peers may not, where kvcd requires authentication.
+  EXPECT_EQ(AcquireForwardChannel(environment_, anonymous_, header).status().code(),
+            absl::StatusCode::kUnauthenticated);
+  (*listened)->resources().forward_outbox()->Detach(&listener);
 }
 
 }  // namespace

@@ -74,7 +74,7 @@ class LayerReadyAssemblerTest : public ::testing::Test {
 };
 
 TEST_F(LayerReadyAssemblerTest, ResolvesEveryLayerOnceAndChecksCompleteness) {
-  LayerReadyAssembler assembler(geometry_, sequences_, *channel_);
+  LayerReadyAssembler assembler(geometry_, sequences_, channel_.get());
   absl::StatusOr<DeviceLayerInput> first = assembler.AddRequest(Ready(0, 1, 256));
   ASSERT_TRUE(first.ok()) << first.status();
   absl::StatusOr<std::byte*> base = channel_->ResolveSlice(0, 0, 16, 16, "base");
@@ -102,7 +102,7 @@ TEST_F(LayerReadyAssemblerTest, ResolvesEveryLayerOnceAndChecksCompleteness) {
 }
 
 TEST_F(LayerReadyAssemblerTest, RejectsBadSlicesNamingTheField) {
-  LayerReadyAssembler assembler(geometry_, sequences_, *channel_);
+  LayerReadyAssembler assembler(geometry_, sequences_, channel_.get());
   const auto message = [&](const v1::CompressRequest& request) {
     absl::StatusOr<DeviceLayerInput> input = assembler.AddRequest(request);
     EXPECT_EQ(input.status().code(), absl::StatusCode::kInvalidArgument);
@@ -130,6 +130,27 @@ TEST_F(LayerReadyAssemblerTest, RejectsBadSlicesNamingTheField) {
   EXPECT_THAT(message(chunk), HasSubstr("chunk on a cuda_ipc stream"));
   // The failures consumed nothing: the layer can still come.
   EXPECT_TRUE(assembler.AddRequest(Ready(0, 0)).ok());
+}
+
+TEST_F(LayerReadyAssemblerTest, NcclStreamsAnnounceLayersWithoutSlices) {
+  LayerReadyAssembler assembler(geometry_, sequences_, nullptr);
+  v1::CompressRequest bare;
+  bare.mutable_layer_ready()->set_sequence(0);
+  bare.mutable_layer_ready()->set_layer(1);
+  absl::StatusOr<DeviceLayerInput> layer = assembler.AddRequest(bare);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  EXPECT_EQ(layer->keys, nullptr);  // the tensors come over the communicator
+  EXPECT_EQ(layer->layer, 1);
+  EXPECT_EQ(layer->shape.num_window_queries, 2);
+  EXPECT_EQ(assembler.bytes_received(), 2 * geometry_.KeyValueBytes(16) + geometry_.QueryBytes(2));
+  // Slices belong to cuda_ipc streams.
+  absl::Status sliced = assembler.AddRequest(Ready(0, 0)).status();
+  EXPECT_EQ(sliced.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(sliced.message(), HasSubstr("sequence 0 layer 0 keys: a region slice on an nccl"));
+  v1::CompressRequest chunk;
+  chunk.mutable_chunk()->set_layer(0);
+  EXPECT_THAT(assembler.AddRequest(chunk).status().message(), HasSubstr("chunk on a nccl stream"));
+  EXPECT_THAT(assembler.AddRequest(bare).status().message(), HasSubstr("sent twice"));
 }
 
 }  // namespace
