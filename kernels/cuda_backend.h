@@ -12,9 +12,11 @@
 // group reduction), knorm, streaming, keydiff, observed (client scores, per KV head or
 // group-reduced) and tova (the last window query's softmax from the first attention pass);
 // protect_sinks / protect_recent; uniform and adaptive head budgets (AdaKV, truly ragged heads);
-// the drop reducer; attention_mass_kept. The merging reducers (merge_similar, merge_nearest)
-// answer UNIMPLEMENTED naming the stage, as does a head_dim other than 64, 128 and 256; kvcd
-// routes those requests to the CPU reference (Backend::Supports, service/backend_router.h).
+// the drop reducer and the merging reducers merge_similar and merge_nearest (their rows
+// computed in the CPU reference's fp64 order; merged counts in LayerResult::merged);
+// attention_mass_kept. A head_dim other than 64, 128 and 256 answers UNIMPLEMENTED naming the
+// stage; kvcd routes such requests to the CPU reference (Backend::Supports,
+// service/backend_router.h).
 //
 // This header compiles without CUDA. In a build without CUDA, MakeCudaBackend answers
 // UNIMPLEMENTED; in a build with CUDA on a machine without a device, FAILED_PRECONDITION.
@@ -61,8 +63,8 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
 CudaCompressor* CudaCompressorOf(Backend& backend);
 
 // OK when the CUDA backend can run `spec` on head_dim `head_dim`; UNIMPLEMENTED naming the
-// first stage it cannot run ("scorer tova", "head budget adaptive", "reducer merge_similar",
-// "head_dim 96"). Layer budgets are the pipeline's business and are not checked here.
+// first stage it cannot run (e.g. "head_dim 96"). Layer budgets are the pipeline's business and are
+// not checked here.
 absl::Status CheckCudaMethodSupported(const MethodSpec& spec, int head_dim);
 
 }  // namespace kvcompress

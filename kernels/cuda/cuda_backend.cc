@@ -321,8 +321,9 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
   std::vector<DeviceLayerJob> device_jobs;
   KVC_RETURN_IF_ERROR(Upload(*lease, geometry, jobs, inputs, device_jobs));
   KVC_CUDA_RETURN_IF_ERROR(cudaEventRecord(lease->start, lease->stream));
-  KVC_ASSIGN_OR_RETURN(DeviceBatchResult out, compressor_->Compress(geometry, spec, device_jobs,
-                                                                    lease->stream, &lease->stages));
+  KVC_ASSIGN_OR_RETURN(DeviceBatchResult out,
+                       compressor_->Compress(geometry, spec, device_jobs, lease->stream,
+                                             &lease->stages, /*reads_merged_rows=*/true));
 
   const int num_heads = geometry.num_kv_heads;
   std::vector<double> mass_sums(jobs.size(), 0.0);
@@ -354,6 +355,12 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
     pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(result.positions.data()),
                                reinterpret_cast<std::byte*>(out.positions + first),
                                rows * sizeof(int32_t)});
+    if (out.merged != nullptr) {
+      result.merged.resize(rows);
+      pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(result.merged.data()),
+                                 reinterpret_cast<std::byte*>(out.merged + first),
+                                 rows * sizeof(int32_t)});
+    }
   }
   pieces.push_back(CopyPiece{reinterpret_cast<std::byte*>(mass_sums.data()),
                              reinterpret_cast<std::byte*>(out.mass_sums),
@@ -375,11 +382,20 @@ absl::Status CudaBackend::CompressLayers(const CacheGeometry& geometry, const Me
       offset += result.kept[h];
     }
     result.offsets[num_heads] = static_cast<int32_t>(offset);
-    if (offset != out.layers[i].num_rows) {
-      return absl::InternalError(absl::StrCat("cuda backend: sequence ", result.sequence, " layer ",
-                                              result.layer, ": heads kept ", offset,
-                                              " rows in all, expected ", out.layers[i].num_rows));
+    const int64_t capacity = out.layers[i].num_rows;
+    const bool fits = out.layers[i].rows_upper_bound ? offset <= capacity : offset == capacity;
+    if (!fits) {
+      return absl::InternalError(
+          absl::StrCat("cuda backend: sequence ", result.sequence, " layer ", result.layer,
+                       ": heads kept ", offset, " rows in all, expected ",
+                       out.layers[i].rows_upper_bound ? "at most " : "", capacity));
     }
+    // merge_similar: the heads' rows are the first `offset` of the layer's capacity.
+    const size_t rows = static_cast<size_t>(offset);
+    result.keys.resize(rows * out.row_bytes);
+    result.values.resize(rows * out.row_bytes);
+    result.positions.resize(rows);
+    if (!result.merged.empty()) result.merged.resize(rows);
   }
 
   float score_ms = 0;

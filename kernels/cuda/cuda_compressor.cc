@@ -12,6 +12,7 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/internal/dispatch.h"
 #include "kernels/cuda/internal/kernel_params.h"
+#include "kernels/cuda/internal/merge_params.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/snapkv_window.h"
 #include "kernels/status_macros.h"
@@ -137,6 +138,161 @@ void CopyTable(std::vector<std::byte>& host, size_t offset, const std::vector<T>
   if (!table.empty()) std::memcpy(host.data() + offset, table.data(), table.size() * sizeof(T));
 }
 
+// What the merge stage needs to know of a job.
+struct MergeJob {
+  const JobPlan* plan = nullptr;
+  int64_t score_offset = 0;
+  int64_t first_row = 0;
+};
+
+// Enqueues the merging reducer of `spec` over the batch's selected rows (stage 5, see
+// kernels/cuda/internal/merge_params.h): every job whose heads keep fewer than all their
+// tokens gets a MergeHead per KV head; every other row keeps merged = 1.
+absl::Status EnqueueMerge(cuda::DeviceMemoryPool& pool, const MethodSpec& spec,
+                          const cuda::BatchShape& shape, std::span<const MergeJob> jobs,
+                          const cuda::DeviceJob* device_jobs, const float* scores,
+                          const float* colsum, DeviceBatchResult& result, cudaStream_t stream) {
+  const bool similar = spec.reducer == ReducerKind::kMergeSimilar;
+  const int num_heads = shape.num_kv_heads;
+  std::vector<cuda::MergeHead> heads;
+  int64_t total_tokens = 0;
+  int64_t total_slots = 0;
+  int64_t max_tokens = 0;
+  int64_t max_rows = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const JobPlan& plan = *jobs[i].plan;
+    // Heads kept whole merge nothing. merge_similar re-selects from the scores, so it needs a
+    // selection's scores; merge_nearest works from any selection's rows (streaming ranges too).
+    const bool merges =
+        similar ? plan.kind == SegmentKind::kSelect : plan.kind != SegmentKind::kKeepAll;
+    if (!merges) continue;
+    // A head's rows (merge_nearest) or budget (merge_similar): n, or with adaptive head
+    // budgets anything up to min(T, H·n).
+    const int64_t head_rows =
+        plan.adaptive ? std::min(plan.num_tokens, num_heads * plan.need) : plan.need;
+    for (int h = 0; h < num_heads; ++h) {
+      cuda::MergeHead head;
+      head.job = static_cast<int32_t>(i);
+      head.head = h;
+      head.num_tokens = plan.num_tokens;
+      head.token_base = total_tokens;
+      head.score_offset = jobs[i].score_offset + h * plan.num_tokens;
+      head.need = plan.need;
+      head.adaptive = plan.adaptive ? 1 : 0;
+      head.has_attention = plan.attention ? 1 : 0;
+      head.layer_first_row = jobs[i].first_row;
+      head.slot_row = total_slots;
+      head.slot_capacity = similar ? head_rows : 0;
+      heads.push_back(head);
+      total_tokens += plan.num_tokens;
+      total_slots += head.slot_capacity;
+    }
+    max_tokens = std::max(max_tokens, plan.num_tokens);
+    max_rows = std::max(max_rows, head_rows);
+  }
+  KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchFillOnes(result.merged, result.total_rows, stream));
+  if (heads.empty()) return absl::OkStatus();
+  if (total_tokens > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "jobs: ", total_tokens, " tokens over the merged heads exceed 2^31-1 per call for the ",
+        std::string(ReducerName(spec.reducer)), " reducer; split the batch"));
+  }
+  const int num_merge_heads = static_cast<int>(heads.size());
+  int end_bit = 32;
+  while ((int64_t{1} << (end_bit - 32)) < num_merge_heads) ++end_bit;
+  size_t sort_bytes = 0;
+  KVC_CUDA_RETURN_IF_ERROR(cuda::MergeSortTempBytes(total_tokens, end_bit, &sort_bytes));
+
+  const auto tokens = static_cast<size_t>(total_tokens);
+  const auto slots = static_cast<size_t>(total_slots);
+  ArenaLayout arena;
+  const size_t heads_at = arena.Add(heads.size() * sizeof(cuda::MergeHead));
+  const size_t flags_at = arena.Add(tokens * sizeof(uint8_t));
+  const size_t similar_at = arena.Add(similar ? tokens * sizeof(uint8_t) : 0);
+  const size_t keys_at = arena.Add(tokens * sizeof(uint64_t));
+  const size_t sorted_keys_at = arena.Add(tokens * sizeof(uint64_t));
+  const size_t values_at = arena.Add(tokens * sizeof(int32_t));
+  const size_t sorted_values_at = arena.Add(tokens * sizeof(int32_t));
+  const size_t ranks_at = arena.Add(similar ? tokens * sizeof(int32_t) : 0);
+  const size_t set_first_at = arena.Add(similar ? tokens * sizeof(int32_t) : 0);
+  const size_t set_last_at = arena.Add(similar ? tokens * sizeof(int32_t) : 0);
+  const size_t weights_at = arena.Add(similar ? tokens * sizeof(double) : 0);
+  const size_t slot_positions_at = arena.Add(slots * sizeof(int32_t));
+  const size_t slot_first_at = arena.Add(slots * sizeof(int32_t));
+  const size_t slot_last_at = arena.Add(slots * sizeof(int32_t));
+  const size_t merge_counts_at = arena.Add(heads.size() * sizeof(int32_t));
+  const size_t head_first_at = arena.Add(heads.size() * sizeof(int64_t));
+  const size_t head_rows_at = arena.Add(heads.size() * sizeof(int32_t));
+  const size_t norms_at =
+      arena.Add(similar ? 0 : static_cast<size_t>(result.total_rows) * sizeof(double));
+  const size_t sort_temp_at = arena.Add(sort_bytes);
+  KVC_ASSIGN_OR_RETURN(cuda::DeviceBuffer workspace, pool.Allocate(arena.size, stream));
+  std::byte* base = workspace.data();
+  // Pageable source: the copy has consumed it when the call returns.
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(base + heads_at, heads.data(),
+                                           heads.size() * sizeof(cuda::MergeHead),
+                                           cudaMemcpyHostToDevice, stream));
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(base + flags_at, 0, tokens, stream));
+
+  cuda::MergeParams params;
+  params.heads = reinterpret_cast<const cuda::MergeHead*>(base + heads_at);
+  params.num_heads = num_merge_heads;
+  params.jobs = device_jobs;
+  params.shape = shape;
+  params.scores = scores;
+  params.flags = reinterpret_cast<uint8_t*>(base + flags_at);
+  params.similar_next = reinterpret_cast<uint8_t*>(base + similar_at);
+  params.sort_keys = reinterpret_cast<uint64_t*>(base + keys_at);
+  params.sort_values = reinterpret_cast<int32_t*>(base + values_at);
+  params.sorted_keys = reinterpret_cast<const uint64_t*>(base + sorted_keys_at);
+  params.sorted_values = reinterpret_cast<const int32_t*>(base + sorted_values_at);
+  params.ranks = reinterpret_cast<int32_t*>(base + ranks_at);
+  params.set_first = reinterpret_cast<int32_t*>(base + set_first_at);
+  params.set_last = reinterpret_cast<int32_t*>(base + set_last_at);
+  params.member_weights = reinterpret_cast<double*>(base + weights_at);
+  params.slot_positions = reinterpret_cast<int32_t*>(base + slot_positions_at);
+  params.slot_first = reinterpret_cast<int32_t*>(base + slot_first_at);
+  params.slot_last = reinterpret_cast<int32_t*>(base + slot_last_at);
+  params.merge_counts = reinterpret_cast<int32_t*>(base + merge_counts_at);
+  params.head_first_row = reinterpret_cast<int64_t*>(base + head_first_at);
+  params.head_rows = reinterpret_cast<int32_t*>(base + head_rows_at);
+  params.kept_norms = reinterpret_cast<double*>(base + norms_at);
+  params.positions = result.positions;
+  params.merged = result.merged;
+  params.head_counts = result.head_counts;
+  params.out_keys = result.keys;
+  params.out_values = result.values;
+  params.colsum = colsum;
+  params.mass = result.mass_sums;
+  params.similarity_threshold = spec.merge_similar.similarity_threshold;
+  params.protect_fraction = spec.merge_similar.protect_fraction;
+  // The CPU reference's expression, evaluated the same way.
+  params.fixed_two_sigma_squared = 2 * spec.merge_similar.sigma * spec.merge_similar.sigma;
+  params.auto_sigma = spec.merge_similar.auto_sigma ? 1 : 0;
+  params.scale_values_by_set_size = spec.merge_similar.scale_values_by_set_size ? 1 : 0;
+  void* sort_temp = base + sort_temp_at;
+
+  if (similar) {
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchSimilarLinks(params, max_tokens, stream));
+    KVC_CUDA_RETURN_IF_ERROR(
+        cuda::LaunchMergeSort(params, sort_temp, sort_bytes, total_tokens, end_bit, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchRanks(params, total_tokens, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchSimilarSets(params, stream));
+    KVC_CUDA_RETURN_IF_ERROR(
+        cuda::LaunchMergeHeadRows(params, cuda::MergeRowsSource::kMergeCounts, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchSimilarRows(params, max_rows, stream));
+  } else {
+    KVC_CUDA_RETURN_IF_ERROR(
+        cuda::LaunchMergeHeadRows(params, cuda::MergeRowsSource::kSelection, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchNearestKept(params, max_rows, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchNearestAssign(params, max_tokens, stream));
+    KVC_CUDA_RETURN_IF_ERROR(
+        cuda::LaunchMergeSort(params, sort_temp, sort_bytes, total_tokens, end_bit, stream));
+    KVC_CUDA_RETURN_IF_ERROR(cuda::LaunchNearestValues(params, max_rows, stream));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CudaCompressor>> CudaCompressor::Create(
@@ -172,14 +328,12 @@ absl::StatusOr<std::unique_ptr<CudaCompressor>> CudaCompressor::Create(
       new CudaCompressor(options.device, num_multiprocessors, max_shared_bytes, std::move(pool)));
 }
 
-absl::StatusOr<DeviceBatchResult> CudaCompressor::Compress(const CacheGeometry& geometry,
-                                                           const MethodSpec& spec,
-                                                           std::span<const DeviceLayerJob> jobs,
-                                                           cudaStream_t stream,
-                                                           const StageEvents* events) {
+absl::StatusOr<DeviceBatchResult> CudaCompressor::Compress(
+    const CacheGeometry& geometry, const MethodSpec& spec, std::span<const DeviceLayerJob> jobs,
+    cudaStream_t stream, const StageEvents* events, bool reads_merged_rows) {
   DeviceBatchResult result;
-  KVC_RETURN_IF_ERROR(
-      Run(geometry, spec, jobs, stream, /*scores_only=*/false, events, &result, nullptr));
+  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/false, reads_merged_rows,
+                          events, &result, nullptr));
   return result;
 }
 
@@ -188,17 +342,25 @@ absl::StatusOr<DeviceBatchScores> CudaCompressor::Score(const CacheGeometry& geo
                                                         std::span<const DeviceLayerJob> jobs,
                                                         cudaStream_t stream) {
   DeviceBatchScores scores;
-  KVC_RETURN_IF_ERROR(
-      Run(geometry, spec, jobs, stream, /*scores_only=*/true, nullptr, nullptr, &scores));
+  KVC_RETURN_IF_ERROR(Run(geometry, spec, jobs, stream, /*scores_only=*/true,
+                          /*reads_merged_rows=*/false, nullptr, nullptr, &scores));
   return scores;
 }
 
 absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec& spec,
                                  std::span<const DeviceLayerJob> jobs, cudaStream_t stream,
-                                 bool scores_only, const StageEvents* events,
-                                 DeviceBatchResult* result, DeviceBatchScores* scores_out) {
+                                 bool scores_only, bool reads_merged_rows,
+                                 const StageEvents* events, DeviceBatchResult* result,
+                                 DeviceBatchScores* scores_out) {
   KVC_RETURN_IF_ERROR(ValidateGeometry(geometry));
   KVC_RETURN_IF_ERROR(CheckCudaMethodSupported(spec, geometry.head_dim));
+  const bool is_merging = spec.reducer != ReducerKind::kDrop;
+  if (is_merging && !scores_only && !reads_merged_rows) {
+    return absl::UnimplementedError(absl::StrCat(
+        "reducer ", std::string(ReducerName(spec.reducer)),
+        ": this caller of CudaCompressor::Compress does not read merged rows (merged counts, "
+        "per-head row counts); it runs the drop reducer"));
+  }
   if (jobs.empty()) return absl::OkStatus();
   for (size_t i = 0; i < jobs.size(); ++i) {
     KVC_RETURN_IF_ERROR(ValidateJob(geometry, spec, jobs[i], i, !scores_only && jobs[i].keep_all));
@@ -220,6 +382,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   const bool is_tova = spec.scorer == ScorerKind::kTova;
   const bool is_streaming = spec.scorer == ScorerKind::kStreaming;
   const bool is_adaptive = spec.head_budget == HeadBudgetKind::kAdaptive;
+  const bool is_merge_similar = spec.reducer == ReducerKind::kMergeSimilar;
   // First-pass tiling: KVC_CUDA_STATS_ROW_TILES=1 selects one row tile per warp (16-bit
   // inputs whose default holds more), a benchmarking switch.
   static const int stats_row_tiles = [] {
@@ -265,7 +428,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     plan.attention = !plan.keep_all && plan.window > 0 && (!scores_only || is_snapkv || is_tova);
     if (plan.keep_all || plan.need >= plan.num_tokens) {
       plan.kind = SegmentKind::kKeepAll;
-    } else if (is_streaming && !is_adaptive && plan.num_tokens <= kMaxRangesTokens) {
+    } else if (is_streaming && !is_adaptive && !is_merge_similar &&
+               plan.num_tokens <= kMaxRangesTokens) {
+      // (merge_similar re-ranks every token by its score, so streaming scores it.)
       plan.kind = SegmentKind::kRanges;
       PlanStreamingRanges(spec, plan);
     } else {
@@ -553,6 +718,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     const size_t positions_at = output.Add(output_rows * sizeof(int32_t));
     const size_t mass_at = output.Add(jobs.size() * sizeof(double));
     const size_t head_counts_at = output.Add(jobs.size() * num_heads * sizeof(int32_t));
+    const size_t merged_at = output.Add(is_merging ? output_rows * sizeof(int32_t) : 0);
     KVC_ASSIGN_OR_RETURN(result->buffer, pool_->Allocate(output.size, stream));
     std::byte* out = result->buffer.data();
     result->keys = out + keys_at;
@@ -560,6 +726,7 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
     result->positions = reinterpret_cast<int32_t*>(out + positions_at);
     result->mass_sums = reinterpret_cast<double*>(out + mass_at);
     result->head_counts = reinterpret_cast<int32_t*>(out + head_counts_at);
+    result->merged = is_merging ? reinterpret_cast<int32_t*>(out + merged_at) : nullptr;
     result->total_rows = output_rows;
     result->row_bytes = row_bytes;
     // Mass sums and head counts are adjacent; both start at zero.
@@ -572,7 +739,9 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
       layer.sequence = jobs[i].sequence;
       layer.layer = jobs[i].layer;
       layer.kept_per_head = static_cast<int32_t>(plan.need);
-      layer.ragged_heads = plan.adaptive;
+      // merge_similar's sets decide how many rows each head keeps, up to its budget.
+      layer.rows_upper_bound = is_merge_similar && plan.kind == SegmentKind::kSelect;
+      layer.ragged_heads = plan.adaptive || layer.rows_upper_bound;
       layer.first_row = row;
       layer.num_rows = num_heads * plan.need;
       row += layer.num_rows;
@@ -853,6 +1022,18 @@ absl::Status CudaCompressor::Run(const CacheGeometry& geometry, const MethodSpec
   gather_params.shape = shape;
   KVC_CUDA_RETURN_IF_ERROR(
       cuda::LaunchGather(gather_params, static_cast<int>(segments.size()), max_need, stream));
+
+  // 5. Merging reducers rewrite the rows they merge (timed as gathering, as the CPU does).
+  if (is_merging) {
+    std::vector<MergeJob> merge_jobs(jobs.size());
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      merge_jobs[i].plan = &plans[i];
+      merge_jobs[i].score_offset = device_jobs[i].score_offset;
+      merge_jobs[i].first_row = result->layers[i].first_row;
+    }
+    KVC_RETURN_IF_ERROR(EnqueueMerge(*pool_, spec, shape, merge_jobs, device_job_table, scores,
+                                     colsum, *result, stream));
+  }
   if (events != nullptr && events->gathered != nullptr) {
     KVC_CUDA_RETURN_IF_ERROR(cudaEventRecord(events->gathered, stream));
   }

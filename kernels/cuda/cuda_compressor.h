@@ -7,8 +7,9 @@
 // One call is one launch sequence for the whole batch — every layer, head and sequence —
 // enqueued on the caller's stream: window-attention statistics and column sums (snapkv, and
 // the attention mass of every scorer), scores, a segmented radix select, compaction into
-// ascending positions and the gather of kept rows. Scratch and results come from a
-// DeviceMemoryPool with a byte budget (RESOURCE_EXHAUSTED when a batch does not fit).
+// ascending positions, the gather of kept rows and, for the merging reducers, the merge
+// (kernels/cuda/internal/merge_params.h). Scratch and results come from a DeviceMemoryPool
+// with a byte budget (RESOURCE_EXHAUSTED when a batch does not fit).
 //
 // Thread safety: Compress and Score may be called concurrently (on different streams).
 #ifndef KVCOMPRESS_KERNELS_CUDA_CUDA_COMPRESSOR_H_
@@ -54,9 +55,12 @@ struct DeviceLayerResult {
   int sequence = 0;
   int layer = 0;
   int32_t kept_per_head = 0;  // uniform head budgets: every head keeps as many
-  // Adaptive head budgets: heads keep different counts, which the device writes to
-  // DeviceBatchResult::head_counts[i·H_kv + h] (kept_per_head is then the mean, H_kv·n / H_kv).
+  // Adaptive head budgets, and merge_similar (whose sets decide how many rows a head keeps):
+  // heads keep different counts, which the device writes to DeviceBatchResult::head_counts
+  // [i·H_kv + h] (kept_per_head is then the budget n).
   bool ragged_heads = false;
+  // merge_similar: num_rows is a capacity, and the heads' rows (Σ head_counts) may be fewer.
+  bool rows_upper_bound = false;
   int64_t first_row = 0;  // rows [first_row, first_row + num_rows) of the batch buffers
   int64_t num_rows = 0;   // H_kv · kept_per_head; heads' rows follow each other in order
   // attention_mass_kept = mass_sums[i] · mass_scale when mass_scale > 0; else the fixed
@@ -74,6 +78,9 @@ struct DeviceBatchResult {
   std::byte* keys = nullptr;
   std::byte* values = nullptr;
   int32_t* positions = nullptr;
+  // Merging reducers: [rows] original tokens folded into each row (1: the row as it was);
+  // null for drop.
+  int32_t* merged = nullptr;
   double* mass_sums = nullptr;     // [layers]
   int32_t* head_counts = nullptr;  // [layers, H_kv]: kept rows per head of ragged layers
   int64_t total_rows = 0;
@@ -114,10 +121,16 @@ class CudaCompressor final {
   // INVALID_ARGUMENT for bad jobs (naming the job and field), UNIMPLEMENTED for methods or
   // head dims the backend does not run (CheckCudaMethodSupported), RESOURCE_EXHAUSTED over
   // the memory budget, INTERNAL on device errors.
+  //
+  // The merging reducers leave per-row merged counts (DeviceBatchResult::merged) and, for
+  // merge_similar, fewer rows than num_rows (DeviceLayerResult::rows_upper_bound); only a
+  // caller that reads both may ask for them, by `reads_merged_rows`. Without it they answer
+  // UNIMPLEMENTED, so that no caller passes on merged rows without their counts.
   absl::StatusOr<DeviceBatchResult> Compress(const CacheGeometry& geometry, const MethodSpec& spec,
                                              std::span<const DeviceLayerJob> jobs,
                                              cudaStream_t stream,
-                                             const StageEvents* events = nullptr);
+                                             const StageEvents* events = nullptr,
+                                             bool reads_merged_rows = false);
 
   // Scores only ([H_kv, T] per job, keep_all ignored), as Backend::ScoreLayers.
   absl::StatusOr<DeviceBatchScores> Score(const CacheGeometry& geometry, const MethodSpec& spec,
@@ -139,7 +152,8 @@ class CudaCompressor final {
 
   absl::Status Run(const CacheGeometry& geometry, const MethodSpec& spec,
                    std::span<const DeviceLayerJob> jobs, cudaStream_t stream, bool scores_only,
-                   const StageEvents* events, DeviceBatchResult* result, DeviceBatchScores* scores);
+                   bool reads_merged_rows, const StageEvents* events, DeviceBatchResult* result,
+                   DeviceBatchScores* scores);
 
   const int device_;
   const int num_multiprocessors_;

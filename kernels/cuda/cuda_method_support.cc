@@ -27,10 +27,11 @@ absl::Status CheckCudaMethodSupported(const MethodSpec& spec, int head_dim) {
         "head budget ", std::string(HeadBudgetName(spec.head_budget)),
         " is not implemented by the cuda backend; it runs uniform and adaptive head budgets"));
   }
-  if (spec.reducer != ReducerKind::kDrop) {
+  if (spec.reducer != ReducerKind::kDrop && spec.reducer != ReducerKind::kMergeSimilar &&
+      spec.reducer != ReducerKind::kMergeNearest) {
     return absl::UnimplementedError(absl::StrCat("reducer ", std::string(ReducerName(spec.reducer)),
                                                  " is not implemented by the cuda backend; it "
-                                                 "runs the drop reducer"));
+                                                 "runs drop, merge_similar and merge_nearest"));
   }
   if (head_dim != 64 && head_dim != 128 && head_dim != 256) {
     return absl::UnimplementedError(absl::StrCat(

@@ -3,15 +3,27 @@
 // and which are counted and capped), rows byte-identical to the input rows they claim, the
 // same counts and offsets, and attention_mass_kept within 1e-4.
 //
+// The merging reducers (merge_similar, merge_nearest) run on keys in runs of similar
+// neighbours, so that sets really merge, and must match the reference exactly: kept counts,
+// offsets, positions and merged counts identical, rows byte-identical — except that a
+// merge_similar row averaged with Gaussian weights may differ by one unit in the last place of
+// the output dtype, because the CPU's std::exp and CUDA's exp may round the last fp64 bit
+// differently (counted, capped at 1 in 10^4 merged elements). Where the GPU's scores are not
+// the CPU's bit for bit (snapkv), the reference is the CPU backend run on the GPU's own scores
+// (LayerJob::precomputed_scores), so that the merging itself is compared exactly.
+//
 // Skips (GTEST_SKIP) when the build has no CUDA or cudaGetDeviceCount reports no device.
 // The SmallConfigs suite (T ≤ 2048) is the subset run under compute-sanitizer.
 #include "kernels/cuda_backend.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -84,10 +96,14 @@ struct GpuCase {
   bool keep_all_layer = false;
   uint64_t seed = 1;
   bool scores_per_query_head = false;  // observed: H_q score rows (group-reduced), else H_kv
+  bool similar_key_runs = false;       // keys in runs of similar neighbours (merging reducers)
 };
 
 std::string CaseName(const GpuCase& c) {
   std::string scorer(ScorerName(c.spec.scorer));
+  if (c.spec.reducer != ReducerKind::kDrop) {
+    scorer = absl::StrCat(std::string(ReducerName(c.spec.reducer)), "_", scorer);
+  }
   std::string name = absl::StrCat(scorer, "_", std::string(DTypeName(c.dtype)), "_",
                                   c.layout == Layout::kHND ? "HND" : "NHD", "_h", c.num_kv_heads,
                                   "g", c.group_size, "d", c.head_dim, "_T");
@@ -160,6 +176,154 @@ GpuCase RandomCase(int index, bool small) {
   return c;
 }
 
+// Keys in runs of similar neighbours, KVMerger's premise: each token's key continues the
+// previous one's with a small perturbation (cosine about 0.94), or starts afresh with
+// probability 0.35.
+std::vector<std::byte> RunsOfSimilarKeys(const CacheGeometry& geometry, int64_t num_tokens,
+                                         uint64_t seed) {
+  const int dim = geometry.head_dim;
+  const size_t element_size = DTypeSize(geometry.dtype);
+  std::vector<std::byte> out(static_cast<size_t>(geometry.num_kv_heads) * num_tokens * dim *
+                             element_size);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<float> row(dim);
+  for (int h = 0; h < geometry.num_kv_heads; ++h) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const bool fresh = t == 0 || uniform(rng) < 0.35f;
+      for (int d = 0; d < dim; ++d) row[d] = fresh ? normal(rng) : row[d] + 0.35f * normal(rng);
+      const size_t offset =
+          KeyValueRowOffset(geometry.layout, geometry.num_kv_heads, num_tokens, dim, h, t);
+      for (int d = 0; d < dim; ++d) {
+        std::byte* target = out.data() + (offset + d) * element_size;
+        if (geometry.dtype == DType::kFloat32) {
+          std::memcpy(target, &row[d], 4);
+        } else {
+          const uint16_t half =
+              geometry.dtype == DType::kBFloat16 ? FloatToBFloat16(row[d]) : FloatToFloat16(row[d]);
+          std::memcpy(target, &half, 2);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// A merging-reducer configuration; `tag` names what it varies.
+GpuCase MergeCase(const std::string& tag, ReducerKind reducer, ScorerKind scorer, DType dtype,
+                  int head_dim, int num_kv_heads, int group_size, std::vector<int64_t> tokens,
+                  double keep_ratio, uint64_t seed) {
+  GpuCase c;
+  c.spec.reducer = reducer;
+  c.spec.scorer = scorer;
+  c.dtype = dtype;
+  c.head_dim = head_dim;
+  c.num_kv_heads = num_kv_heads;
+  c.group_size = group_size;
+  c.tokens = std::move(tokens);
+  c.spec.budget.use_ratio = true;
+  c.spec.budget.keep_ratio = keep_ratio;
+  c.seed = seed;
+  c.similar_key_runs = true;
+  if (scorer != ScorerKind::kSnapKv && scorer != ScorerKind::kTova) c.queries_sent = 0;
+  c.name = tag;
+  return c;
+}
+
+void NameMergeCase(GpuCase& c) { c.name = absl::StrCat(CaseName(c), "_", c.name); }
+
+// Merging reducers over dtypes, head dims, GQA ratios, layouts, odd token counts, ragged
+// batches, uniform and adaptive head budgets and every merge_similar option.
+std::vector<GpuCase> SmallMergeCases() {
+  using R = ReducerKind;
+  using S = ScorerKind;
+  std::vector<GpuCase> cases;
+  cases.push_back(MergeCase("defaults", R::kMergeSimilar, S::kKnorm, DType::kBFloat16, 128, 2, 4,
+                            {1021}, 0.25, 501));
+  GpuCase auto_sigma = MergeCase("auto_sigma", R::kMergeSimilar, S::kKnorm, DType::kFloat16, 64, 3,
+                                 1, {2047, 683}, 0.1, 502);
+  auto_sigma.spec.merge_similar.auto_sigma = true;
+  cases.push_back(auto_sigma);
+  GpuCase scaled = MergeCase("protect10_scaled", R::kMergeSimilar, S::kObserved, DType::kFloat32,
+                             256, 2, 8, {999}, 0.3, 503);
+  scaled.spec.merge_similar.protect_fraction = 0.1;
+  scaled.spec.merge_similar.scale_values_by_set_size = true;
+  cases.push_back(scaled);
+  GpuCase snapkv_adaptive = MergeCase("adaptive", R::kMergeSimilar, S::kSnapKv, DType::kBFloat16,
+                                      128, 2, 4, {1537}, 0.2, 504);
+  snapkv_adaptive.spec.head_budget = HeadBudgetKind::kAdaptive;
+  cases.push_back(snapkv_adaptive);
+  GpuCase adaptive_auto = MergeCase("adaptive_auto_protect0_NHD", R::kMergeSimilar, S::kKnorm,
+                                    DType::kFloat32, 128, 4, 2, {777}, 0.15, 505);
+  adaptive_auto.layout = Layout::kNHD;
+  adaptive_auto.spec.head_budget = HeadBudgetKind::kAdaptive;
+  adaptive_auto.spec.merge_similar.auto_sigma = true;
+  adaptive_auto.spec.merge_similar.protect_fraction = 0.0;
+  cases.push_back(adaptive_auto);
+  GpuCase streaming = MergeCase("sinks", R::kMergeSimilar, S::kStreaming, DType::kBFloat16, 64, 1,
+                                8, {511}, 0.5, 506);
+  streaming.spec.protect_recent = 16;
+  cases.push_back(streaming);
+  GpuCase snapkv = MergeCase("auto_scaled", R::kMergeSimilar, S::kSnapKv, DType::kFloat16, 256, 1,
+                             4, {1999}, 0.1, 507);
+  snapkv.spec.merge_similar.auto_sigma = true;
+  snapkv.spec.merge_similar.scale_values_by_set_size = true;
+  snapkv.spec.protect_sinks = 4;
+  cases.push_back(snapkv);
+  GpuCase whole = MergeCase("n_ge_T", R::kMergeSimilar, S::kKnorm, DType::kBFloat16, 128, 2, 4,
+                            {301, 5}, 1.0, 508);
+  whole.keep_tokens = 10;  // the second layer is kept whole
+  cases.push_back(whole);
+  GpuCase loose = MergeCase("threshold03_sigma1", R::kMergeSimilar, S::kKnorm, DType::kFloat32, 64,
+                            2, 1, {1500}, 0.2, 509);
+  loose.spec.merge_similar.similarity_threshold = 0.3;
+  loose.spec.merge_similar.sigma = 1.0;
+  cases.push_back(loose);
+  GpuCase observed_per_query = MergeCase("per_query_scores", R::kMergeSimilar, S::kObserved,
+                                         DType::kBFloat16, 64, 2, 4, {63, 1025}, 0.3, 510);
+  observed_per_query.scores_per_query_head = true;
+  cases.push_back(observed_per_query);
+
+  cases.push_back(MergeCase("uniform", R::kMergeNearest, S::kKnorm, DType::kBFloat16, 128, 2, 4,
+                            {1021}, 0.25, 601));
+  cases.push_back(MergeCase("ragged_batch", R::kMergeNearest, S::kSnapKv, DType::kFloat16, 64, 3, 1,
+                            {2047, 501}, 0.1, 602));
+  GpuCase nearest_adaptive = MergeCase("adaptive", R::kMergeNearest, S::kObserved, DType::kFloat32,
+                                       256, 2, 8, {999}, 0.3, 603);
+  nearest_adaptive.spec.head_budget = HeadBudgetKind::kAdaptive;
+  cases.push_back(nearest_adaptive);
+  GpuCase nearest_streaming = MergeCase("ranges_NHD", R::kMergeNearest, S::kStreaming,
+                                        DType::kBFloat16, 128, 2, 1, {1111}, 0.2, 604);
+  nearest_streaming.layout = Layout::kNHD;
+  cases.push_back(nearest_streaming);
+  GpuCase nearest_whole = MergeCase("n_ge_T", R::kMergeNearest, S::kKnorm, DType::kFloat32, 128, 2,
+                                    4, {300, 5}, 1.0, 605);
+  nearest_whole.keep_tokens = 10;
+  cases.push_back(nearest_whole);
+  GpuCase nearest_snapkv_adaptive = MergeCase("snapkv_adaptive", R::kMergeNearest, S::kSnapKv,
+                                              DType::kBFloat16, 128, 2, 4, {1537}, 0.2, 606);
+  nearest_snapkv_adaptive.spec.head_budget = HeadBudgetKind::kAdaptive;
+  cases.push_back(nearest_snapkv_adaptive);
+  for (GpuCase& c : cases) NameMergeCase(c);
+  return cases;
+}
+
+std::vector<GpuCase> LargeMergeCases() {
+  std::vector<GpuCase> cases;
+  cases.push_back(MergeCase("llama", ReducerKind::kMergeSimilar, ScorerKind::kSnapKv,
+                            DType::kBFloat16, 128, 8, 4, {16384, 4099}, 0.1, 701));
+  GpuCase adaptive = MergeCase("adaptive_auto", ReducerKind::kMergeSimilar, ScorerKind::kKnorm,
+                               DType::kBFloat16, 128, 2, 4, {32768}, 0.1, 702);
+  adaptive.spec.head_budget = HeadBudgetKind::kAdaptive;
+  adaptive.spec.merge_similar.auto_sigma = true;
+  cases.push_back(adaptive);
+  cases.push_back(MergeCase("uniform", ReducerKind::kMergeNearest, ScorerKind::kKnorm,
+                            DType::kBFloat16, 128, 2, 4, {8191}, 0.1, 703));
+  for (GpuCase& c : cases) NameMergeCase(c);
+  return cases;
+}
+
 std::vector<GpuCase> SmallCases() {
   std::vector<GpuCase> cases;
   for (int i = 0; i < 44; ++i) cases.push_back(RandomCase(i, true));
@@ -200,6 +364,7 @@ std::vector<GpuCase> SmallCases() {
   adaptive_ties.spec.budget.keep_ratio = 0.2;
   adaptive_ties.name = "streaming_adaptive_exact_ties";
   cases.push_back(adaptive_ties);
+  for (GpuCase& c : SmallMergeCases()) cases.push_back(std::move(c));
   return cases;
 }
 
@@ -260,6 +425,7 @@ std::vector<GpuCase> LargeCases() {
   mass.dtype = DType::kFloat32;
   mass.name = "snapkv_fp32_g8_T32K";
   cases.push_back(mass);
+  for (GpuCase& c : LargeMergeCases()) cases.push_back(std::move(c));
   return cases;
 }
 
@@ -293,6 +459,11 @@ class CudaBackendTest : public ::testing::TestWithParam<GpuCase> {
     }
   }
 
+  void ExpectMergedLayersMatch(const CacheGeometry& geometry, const GpuCase& c,
+                               std::span<const LayerJob> jobs,
+                               std::vector<LayerResult>& cpu_results,
+                               const std::vector<LayerResult>& gpu_results);
+
   static Backend* cuda_;
   static Backend* cpu_;
   static std::string* skip_reason_;
@@ -307,6 +478,104 @@ bool Before(float a, int64_t pa, float b, int64_t pb) {
   a = std::isnan(a) ? -INFINITY : a;
   b = std::isnan(b) ? -INFINITY : b;
   return a > b || (a == b && pa < pb);
+}
+
+// Whether two output elements of `dtype` are at most one unit in the last place apart.
+bool WithinOneUlp(const std::byte* a, const std::byte* b, DType dtype) {
+  if (dtype == DType::kFloat32) {
+    int32_t x;
+    int32_t y;
+    std::memcpy(&x, a, 4);
+    std::memcpy(&y, b, 4);
+    return (x < 0) == (y < 0) && std::abs(static_cast<int64_t>(x) - y) <= 1;
+  }
+  int16_t x;
+  int16_t y;
+  std::memcpy(&x, a, 2);
+  std::memcpy(&y, b, 2);
+  return (x < 0) == (y < 0) && std::abs(static_cast<int32_t>(x) - y) <= 1;
+}
+
+// Merging reducers: see the file comment.
+void CudaBackendTest::ExpectMergedLayersMatch(const CacheGeometry& geometry, const GpuCase& c,
+                                              std::span<const LayerJob> jobs,
+                                              std::vector<LayerResult>& cpu_results,
+                                              const std::vector<LayerResult>& gpu_results) {
+  const bool exact_scores = c.spec.scorer == ScorerKind::kKnorm ||
+                            c.spec.scorer == ScorerKind::kStreaming ||
+                            c.spec.scorer == ScorerKind::kObserved;
+  if (!exact_scores) {
+    // The reference on the GPU's scores (kept-whole layers need none).
+    std::vector<LayerScores> gpu_scores(jobs.size());
+    const absl::Status status = cuda_->ScoreLayers(geometry, c.spec, jobs, gpu_scores);
+    ASSERT_TRUE(status.ok()) << status;
+    std::vector<LayerJob> rescored(jobs.begin(), jobs.end());
+    for (size_t i = 0; i < rescored.size(); ++i) {
+      if (!rescored[i].keep_all) rescored[i].precomputed_scores = gpu_scores[i].scores.data();
+    }
+    ASSERT_TRUE(cpu_->CompressLayers(geometry, c.spec, rescored, cpu_results).ok());
+  }
+  const size_t element_size = DTypeSize(c.dtype);
+  const size_t row_bytes = static_cast<size_t>(c.head_dim) * element_size;
+  const bool gaussian = c.spec.reducer == ReducerKind::kMergeSimilar;
+  int64_t merged_rows = 0;
+  int64_t merged_elements = 0;
+  int64_t ulp_differences = 0;
+  int64_t kept_rows = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("job ", i, " T=", jobs[i].input.shape.num_tokens));
+    const LayerResult& cpu = cpu_results[i];
+    const LayerResult& gpu = gpu_results[i];
+    ASSERT_EQ(gpu.sequence, cpu.sequence);
+    ASSERT_EQ(gpu.layer, cpu.layer);
+    ASSERT_EQ(gpu.kept, cpu.kept);
+    ASSERT_EQ(gpu.offsets, cpu.offsets);
+    ASSERT_EQ(gpu.positions, cpu.positions);
+    ASSERT_EQ(gpu.merged, cpu.merged);
+    ASSERT_EQ(gpu.keys.size(), cpu.keys.size());
+    ASSERT_EQ(gpu.values.size(), cpu.values.size());
+    if (cpu.attention_mass_kept < 0 || jobs[i].keep_all) {
+      EXPECT_EQ(gpu.attention_mass_kept, cpu.attention_mass_kept);
+    } else {
+      EXPECT_NEAR(gpu.attention_mass_kept, cpu.attention_mass_kept, 1e-4);
+    }
+    kept_rows += static_cast<int64_t>(gpu.positions.size());
+    for (size_t row = 0; row < gpu.positions.size(); ++row) {
+      const bool merged = gpu.merged[row] > 1;
+      merged_rows += merged ? 1 : 0;
+      for (const auto tensor : {&LayerResult::keys, &LayerResult::values}) {
+        const std::byte* want = (cpu.*tensor).data() + row * row_bytes;
+        const std::byte* got = (gpu.*tensor).data() + row * row_bytes;
+        if (std::memcmp(want, got, row_bytes) == 0) {
+          merged_elements += merged ? c.head_dim : 0;
+          continue;
+        }
+        const char* name = tensor == &LayerResult::keys ? "key" : "value";
+        ASSERT_TRUE(merged && gaussian)
+            << name << " row " << row << " (position " << gpu.positions[row] << ", merged "
+            << gpu.merged[row] << ") differs from the reference";
+        for (int d = 0; d < c.head_dim; ++d) {
+          const std::byte* a = want + d * element_size;
+          const std::byte* b = got + d * element_size;
+          if (std::memcmp(a, b, element_size) == 0) continue;
+          ASSERT_TRUE(WithinOneUlp(a, b, c.dtype))
+              << name << " row " << row << " element " << d << " differs by more than one ulp";
+          ++ulp_differences;
+        }
+        merged_elements += c.head_dim;
+      }
+    }
+  }
+  EXPECT_LE(ulp_differences, std::max<int64_t>(2, merged_elements / 10000))
+      << "too many one-ulp differences in merged rows";
+  std::printf("[gpu merge] %s: %lld rows, %lld merged, %lld one-ulp elements\n", c.name.c_str(),
+              static_cast<long long>(kept_rows), static_cast<long long>(merged_rows),
+              static_cast<long long>(ulp_differences));
+  EXPECT_GT(merged_rows, 0) << "no row merged anything: the configuration tests nothing";
+  Totals& totals = GlobalTotals();
+  totals.configs += 1;
+  totals.heads += static_cast<int64_t>(jobs.size()) * c.num_kv_heads;
+  totals.kept_rows += kept_rows;
 }
 
 TEST_P(CudaBackendTest, MatchesCpuReference) {
@@ -331,7 +600,9 @@ TEST_P(CudaBackendTest, MatchesCpuReference) {
     input.shape.num_window_queries =
         static_cast<int>(std::min<int64_t>(c.queries_sent, num_tokens));
     const size_t kv_elements = static_cast<size_t>(c.num_kv_heads) * num_tokens * c.head_dim;
-    input.keys = RandomTensor(kv_elements, c.dtype, c.seed * 3 + i * 101, 1.0f);
+    input.keys = c.similar_key_runs
+                     ? RunsOfSimilarKeys(geometry, num_tokens, c.seed * 3 + i * 101)
+                     : RandomTensor(kv_elements, c.dtype, c.seed * 3 + i * 101, 1.0f);
     input.values = RandomTensor(kv_elements, c.dtype, c.seed * 5 + i * 103, 1.0f);
     // Larger queries give peaked attention, as real models do.
     input.queries = RandomTensor(
@@ -366,6 +637,10 @@ TEST_P(CudaBackendTest, MatchesCpuReference) {
   ASSERT_TRUE(cpu_->CompressLayers(geometry, c.spec, jobs, cpu_results).ok());
   const absl::Status gpu_status = cuda_->CompressLayers(geometry, c.spec, jobs, gpu_results);
   ASSERT_TRUE(gpu_status.ok()) << gpu_status;
+  if (c.spec.reducer != ReducerKind::kDrop) {
+    ExpectMergedLayersMatch(geometry, c, jobs, cpu_results, gpu_results);
+    return;
+  }
 
   std::vector<LayerScores> cpu_scores;  // computed on the first mismatch only
   const size_t row_bytes = static_cast<size_t>(c.head_dim) * DTypeSize(c.dtype);
@@ -562,10 +837,12 @@ TEST_F(CudaBackendContractTest, UnsupportedStagesAreUnimplementedByName) {
   spec = MethodSpec{};
   spec.head_budget = HeadBudgetKind::kAdaptive;
   EXPECT_TRUE(backend_->Supports(spec, 128).ok());
-  spec = MethodSpec{};
-  spec.reducer = ReducerKind::kMergeSimilar;
-  status = backend_->CompressLayers(geometry, spec, none, results);
-  EXPECT_NE(status.message().find("reducer merge_similar"), std::string::npos) << status;
+  for (ReducerKind reducer :
+       {ReducerKind::kDrop, ReducerKind::kMergeSimilar, ReducerKind::kMergeNearest}) {
+    spec = MethodSpec{};
+    spec.reducer = reducer;
+    EXPECT_TRUE(backend_->Supports(spec, 128).ok()) << ReducerName(reducer);
+  }
   geometry.head_dim = 96;
   status = backend_->CompressLayers(geometry, MethodSpec{}, none, results);
   EXPECT_TRUE(absl::IsUnimplemented(status)) << status;

@@ -1,7 +1,8 @@
-// kvcd with --backend=cuda, in process: requests the GPU runs come back from the cuda backend
-// with the CPU reference's kept sets and rows; requests using a stage the GPU lacks fall back
-// to the CPU backend (and say so in the summary and the metrics); GetServerInfo and /metrics
-// describe the device; device memory is back to zero once requests are done.
+// kvcd with --backend=cuda, in process: requests the GPU runs (the merging reducers included)
+// come back from the cuda backend with the CPU reference's kept sets, merged counts and rows;
+// requests using a stage the GPU lacks (a head_dim it is not built for) fall back to the CPU
+// backend (and say so in the summary and the metrics); GetServerInfo and /metrics describe the
+// device; device memory is back to zero once requests are done.
 //
 // Skips (GTEST_SKIP) when there is no usable CUDA device.
 #include <cstring>
@@ -29,25 +30,41 @@ using ::testing::Contains;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-// Two sequences of different lengths, 3 layers, GQA 4, D 128, bf16, fixed-seed data.
+// Two sequences of different lengths, 3 layers, GQA 4, D `head_dim` (128), bf16, fixed-seed
+// data. With `similar_key_runs` each key continues the previous one's with a small perturbation
+// or starts afresh (probability 0.35), so that merge_similar finds sets to merge.
 struct Batch {
   v1::CompressHeader header;
   std::vector<std::vector<LayerInput>> layers;  // [sequence][layer]
 };
 
-Batch MakeBatch(uint32_t seed) {
+Batch MakeBatch(uint32_t seed, int head_dim = 128, bool similar_key_runs = false) {
   Batch batch;
   v1::CacheGeometry* geometry = batch.header.mutable_geometry();
   geometry->set_num_layers(3);
   geometry->set_num_kv_heads(2);
   geometry->set_num_query_heads(8);
-  geometry->set_head_dim(128);
+  geometry->set_head_dim(head_dim);
   geometry->set_dtype(v1::DTYPE_BFLOAT16);
   geometry->set_layout(v1::LAYOUT_HND);
   batch.header.mutable_method()->mutable_scorer()->mutable_snapkv()->set_window_size(32);
   batch.header.mutable_method()->set_keep_ratio(0.2);
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  const auto key_runs_bf16 = [&](int tokens) {  // [2, tokens, head_dim] (HND)
+    std::vector<std::byte> bytes(size_t{2} * tokens * head_dim * 2);
+    std::vector<float> row(head_dim);
+    for (size_t t = 0; t < size_t{2} * tokens; ++t) {
+      const bool fresh = t % tokens == 0 || uniform(rng) < 0.35f;
+      for (int d = 0; d < head_dim; ++d) {
+        row[d] = fresh ? normal(rng) : row[d] + 0.35f * normal(rng);
+        const uint16_t bits = FloatToBFloat16(row[d]);
+        std::memcpy(&bytes[(t * head_dim + d) * 2], &bits, 2);
+      }
+    }
+    return bytes;
+  };
   const auto random_bf16 = [&](size_t elements) {
     std::vector<std::byte> bytes(elements * 2);
     for (size_t i = 0; i < elements; ++i) {
@@ -66,9 +83,10 @@ Batch MakeBatch(uint32_t seed) {
       layer.sequence = batch.header.sequences_size() - 1;
       layer.layer = l;
       layer.shape = SequenceShape{tokens, 32, 0};
-      layer.keys = random_bf16(size_t{2} * tokens * 128);
-      layer.values = random_bf16(size_t{2} * tokens * 128);
-      layer.queries = random_bf16(size_t{8} * 32 * 128);
+      layer.keys =
+          similar_key_runs ? key_runs_bf16(tokens) : random_bf16(size_t{2} * tokens * head_dim);
+      layer.values = random_bf16(size_t{2} * tokens * head_dim);
+      layer.queries = random_bf16(size_t{8} * 32 * head_dim);
       layers.push_back(std::move(layer));
     }
     batch.layers.push_back(std::move(layers));
@@ -158,8 +176,8 @@ TEST_F(KvcdCudaTest, ServerInfoDescribesTheGpu) {
     if (method.name() == "snapkv" || method.name() == "knorm" || method.name() == "drop") {
       EXPECT_THAT(method.backends(), Contains("cuda")) << method.name();
     }
-    if (method.name() == "merge_similar") {
-      EXPECT_THAT(method.backends(), ElementsAre("cpu"));
+    if (method.name() == "merge_similar" || method.name() == "merge_nearest") {
+      EXPECT_THAT(method.backends(), Contains("cuda")) << method.name();
     }
   }
 }
@@ -190,11 +208,31 @@ TEST_F(KvcdCudaTest, GpuRequestsMatchTheReferenceAndReleaseDeviceMemory) {
   EXPECT_THAT(metrics, HasSubstr("kvcompress_device_memory_bytes{device=\"0\",state=\"budget\"}"));
 }
 
+TEST_F(KvcdCudaTest, MergingReducersRunOnTheGpu) {
+  // knorm scores are the CPU's bit for bit, so merge_similar's ranking is too.
+  Batch similar = MakeBatch(12, 128, /*similar_key_runs=*/true);
+  similar.header.mutable_method()->mutable_scorer()->mutable_knorm();
+  similar.header.mutable_method()->mutable_reducer()->mutable_merge_similar();
+  similar.header.mutable_output()->set_return_merged_counts(true);
+  ExpectMatchesReference(similar, "cuda");
+  Batch nearest = MakeBatch(13);
+  nearest.header.mutable_method()->mutable_reducer()->mutable_merge_nearest();
+  nearest.header.mutable_output()->set_return_merged_counts(true);
+  ExpectMatchesReference(nearest, "cuda");
+  const v1::ServerInfo info = Info();
+  for (const v1::DeviceInfo& device : info.devices()) {
+    if (device.backend() == "cuda") {
+      EXPECT_EQ(device.memory_in_use_bytes(), 0u);
+    }
+  }
+  const std::string metrics = server_->metrics().Exposition();
+  EXPECT_THAT(metrics, HasSubstr("kvcompress_backend_requests_total{backend=\"cuda\",route="
+                                 "\"preferred\"} 2"));
+}
+
 TEST_F(KvcdCudaTest, StagesTheGpuLacksFallBackToTheCpu) {
-  Batch merge = MakeBatch(9);
-  merge.header.mutable_method()->mutable_reducer()->mutable_merge_similar();
-  merge.header.mutable_output()->set_return_merged_counts(true);
-  ExpectMatchesReference(merge, "cpu");
+  Batch odd_dim = MakeBatch(9, /*head_dim=*/96);
+  ExpectMatchesReference(odd_dim, "cpu");
   const std::string metrics = server_->metrics().Exposition();
   EXPECT_THAT(metrics, HasSubstr("kvcompress_backend_requests_total{backend=\"cpu\",route="
                                  "\"fallback\"} 1"));
