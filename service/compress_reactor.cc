@@ -452,6 +452,12 @@ absl::Status CompressReactor::StartDeviceTransport(const v1::CompressHeader& hea
         "transport ", transport, " runs on kvcd's cuda backend, which cannot run this request (",
         validated.backend_passed_over.message(), "); send it with TRANSPORT_INLINE"));
   }
+  if (validated.spec.reducer != ReducerKind::kDrop) {
+    return absl::UnimplementedError(absl::StrCat(
+        "transport ", transport,
+        ": the merging reducers are not implemented for device-resident "
+        "layers yet (the cuda backend runs them for inline requests); use TRANSPORT_INLINE"));
+  }
   if (validated.spec.layer_budget == LayerBudgetKind::kDynamic) {
     return absl::UnimplementedError(absl::StrCat(
         "transport ", transport,

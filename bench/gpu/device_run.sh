@@ -15,6 +15,10 @@ OUT=${OUT:-device-out}
 LOGS=${LOGS:-/tmp/kvc-device-logs}
 rm -rf "$LOGS"; mkdir -p "$OUT" "$LOGS"
 export LD_LIBRARY_PATH="$PWD/$DIST/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NCCL from the device image's Python wheel (nvidia-nccl), not carried (package_dist.sh).
+nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+[ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$nccl_lib"
+export NCCL_NVLS_ENABLE=0  # the device's rule: never NVLink multicast
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
   head -2 /etc/os-release; ldd --version | head -1; } 2>&1 | tee "$LOGS/machine.txt"
 if ! "$DIST/gpu_cuda_backend_test" --gtest_list_tests > /dev/null 2>"$LOGS/loader.txt"; then
@@ -32,6 +36,8 @@ step() {  # step NAME SECONDS COMMAND...
 step tests_small 150 "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs*:*Contract*'
 step tests_kvcd 90 "$DIST/gpu_kvcd_cuda_test"
 step tests_ipc 120 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_cuda_ipc_test"
+step tests_nccl 240 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_nccl_transport_test"
+step transport 240 env BIN="$DIST" bash bench/transport/run.sh ${TRANSPORT_ARGS:-} --json="$OUT/transport.json"
 step bench 200 "$DIST/gpu_bench" ${BENCH_ARGS:-}
 step tests_large 120 "$DIST/gpu_cuda_backend_test" --gtest_filter='LargeConfigs*'
 step kvcd_end_to_end 100 bash bench/gpu/kvcd_end_to_end.sh "$DIST"
@@ -46,6 +52,8 @@ step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
   "$DIST/gpu_bench" --tokens=32768 --layers=4 --methods=snapkv,knorm --repeats=1
 tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 [ -f "$LOGS/bench.log" ] && tail -30 "$LOGS/bench.log"
+[ -f "$LOGS/transport.log" ] && tail -20 "$LOGS/transport.log"
+[ -f "$LOGS/tests_nccl.log" ] && grep -E "^\[ +(OK|FAILED|SKIPPED) |Failure|error" "$LOGS/tests_nccl.log" | head -30
 grep -hE "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties|Failure" "$LOGS"/tests_*.log | head -60
 [ -f "$LOGS/kvcd_end_to_end.log" ] && grep -E "^== |backend|total" "$LOGS/kvcd_end_to_end.log" | head -30
 [ -f "$LOGS/kvpress.log" ] && tail -25 "$LOGS/kvpress.log"
