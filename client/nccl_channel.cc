@@ -29,17 +29,21 @@ absl::Status CudaError(cudaError_t error, absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
 }
 
-// Sleeps between polls: a few microseconds at first (transfers of small layers finish fast),
-// at most a millisecond.
+// Between polls: spins (yielding) for the first two milliseconds — each layer's transfer is
+// tens of microseconds on NVLink, and a sleep costs more than that in timer slack — then
+// sleeps 50 microseconds at a time, so a long wait does not hold a core.
 class Backoff {
  public:
   void Wait() {
-    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us_));
-    sleep_us_ = std::min(sleep_us_ * 2, 1000);
+    if (std::chrono::steady_clock::now() - started_ < std::chrono::milliseconds(2)) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
 
  private:
-  int sleep_us_ = 10;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 
 // Polls the communicator until it is no longer ncclInProgress or `deadline` passes; returns

@@ -45,15 +45,18 @@ absl::Status ForwardOutbox::Deliver(v1::ForwardNotice notice, std::span<const De
           "the forward channel has no listener: its decode worker must call ReceiveForwarded "
           "before caches are forwarded to it");
     }
+    // The notice goes first: NCCL may hold a group in progress until the peer takes part,
+    // and the decode worker takes part once it has the notice. Waiting for the group before
+    // announcing would cost one notice round trip per layer.
+    listener_->Post(std::move(notice));
     absl::StatusOr<std::unique_ptr<NcclTransfer>> enqueued = link_.EnqueueSends(tensors, deadline);
     if (!enqueued.ok()) {
+      // The link is aborted: the listener's receives for this layer will never complete, and
+      // its stream ends with the failure.
       listener_->Close(enqueued.status());
       listener_ = nullptr;
       return enqueued.status();
     }
-    // The notice follows the enqueue: had the enqueue failed, the listener must not post
-    // receives for a transfer that never comes.
-    listener_->Post(std::move(notice));
     transfer = std::move(enqueued).value();
   }
   absl::Status status = transfer->Wait(deadline);

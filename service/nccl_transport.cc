@@ -34,26 +34,32 @@ absl::Status NcclError(ncclResult_t result, absl::string_view what, ncclComm_t c
                                           detail != nullptr && *detail != '\0' ? ")" : ""));
 }
 
-// Polls with a short spin first (transfers of a layer take tens of microseconds on NVLink),
-// then sleeps, so that a long wait does not burn a core.
+// Between polls: spins (yielding) for the first two milliseconds — a layer's transfer takes
+// tens of microseconds on NVLink, less than a sleep's timer slack — then sleeps 50
+// microseconds at a time, so that a long wait does not burn a core.
 class Backoff {
  public:
   void Pause() {
-    if (++rounds_ < 200) {
+    if (std::chrono::steady_clock::now() - started_ < std::chrono::milliseconds(2)) {
       std::this_thread::yield();
     } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(rounds_ < 2000 ? 20 : 200));
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
 
  private:
-  int rounds_ = 0;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 };
 
 class NcclLinkImpl;
 
 // A group of sends or receives: an event recorded on the link's stream after them, and (for
 // receives) the pooled device memory they land in.
+//
+// NCCL connects peers lazily: the group of a first transfer stays ncclInProgress until the
+// peer takes part, which it does only after it has seen the announcement. So enqueueing does
+// not wait for the group; the event is recorded once the group has left ncclInProgress
+// (NcclLinkImpl::SettleLocked: at the next enqueue or at Wait, whichever comes first).
 class NcclTransferImpl final : public NcclTransfer {
  public:
   NcclTransferImpl(NcclLinkImpl& link, cudaEvent_t done, cuda::DeviceBuffer memory)
@@ -62,9 +68,11 @@ class NcclTransferImpl final : public NcclTransfer {
   absl::Status Wait(absl::Time deadline) override;
 
  private:
+  friend class NcclLinkImpl;
   NcclLinkImpl& link_;
   cudaEvent_t done_;
   cuda::DeviceBuffer memory_;
+  bool recorded_ = false;  // guarded by the link's lock
   bool completed_ = false;
 };
 
@@ -134,6 +142,20 @@ class NcclLinkImpl final : public NcclLink {
     AbortLocked("a transfer did not complete by its deadline (the peer stalled or died)");
   }
 
+  // Makes sure `transfer`'s completion event is recorded (settling its group first). OK, or
+  // the failure (the link aborted).
+  absl::Status EnsureRecorded(NcclTransferImpl& transfer, absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    if (transfer.recorded_) return absl::OkStatus();
+    return SettleLocked(deadline);
+  }
+
+  // A transfer goes away: it must no longer be the pending one.
+  void Forget(NcclTransferImpl& transfer) {
+    absl::MutexLock lock(&mu_);
+    if (pending_ == &transfer) pending_ = nullptr;
+  }
+
  private:
   absl::Status Aborted() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return absl::FailedPreconditionError(
@@ -141,6 +163,7 @@ class NcclLinkImpl final : public NcclLink {
   }
 
   void AbortLocked(absl::string_view reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    pending_ = nullptr;
     if (comm_ == nullptr) return;
     cudaSetDevice(device_);
     // Makes the communicator's kernels in flight return, so the stream drains.
@@ -169,36 +192,47 @@ class NcclLinkImpl final : public NcclLink {
     }
   }
 
+  // Waits until the communicator is formed and the last group enqueued has left
+  // ncclInProgress, then records that group's completion event. Aborts on failure.
+  absl::Status SettleLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (comm_ == nullptr) return Aborted();
+    KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    absl::Status status = WaitCompleteLocked(
+        pending_ != nullptr ? "enqueueing a transfer" : "forming the communicator", deadline);
+    if (status.ok() && pending_ != nullptr) {
+      if (const cudaError_t error = cudaEventRecord(pending_->done_, stream_);
+          error != cudaSuccess) {
+        status = cuda::CudaErrorToStatus(error, "cudaEventRecord", __FILE__, __LINE__);
+      } else {
+        pending_->recorded_ = true;
+        pending_ = nullptr;
+      }
+    }
+    if (!status.ok()) AbortLocked(status.message());
+    return status;
+  }
+
   absl::StatusOr<std::unique_ptr<NcclTransfer>> Enqueue(std::span<const DeviceSpan> tensors,
                                                         bool send, absl::Time deadline,
                                                         cuda::DeviceBuffer memory) {
     absl::MutexLock lock(&mu_);
-    if (comm_ == nullptr) return Aborted();
-    KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    if (absl::Status ready = WaitCompleteLocked("forming the communicator", deadline);
-        !ready.ok()) {
-      AbortLocked(ready.message());
-      return ready;
-    }
+    KVC_RETURN_IF_ERROR(SettleLocked(deadline));
     cudaEvent_t done = nullptr;
     KVC_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    absl::Status status = EnqueueGroupLocked(tensors, send, deadline);
-    if (status.ok()) {
-      if (const cudaError_t error = cudaEventRecord(done, stream_); error != cudaSuccess) {
-        status = cuda::CudaErrorToStatus(error, "cudaEventRecord", __FILE__, __LINE__);
-      }
-    }
-    if (!status.ok()) {
+    if (absl::Status status = EnqueueGroupLocked(tensors, send); !status.ok()) {
       // The peer's side of the group may be half matched: the byte stream is lost.
       AbortLocked(status.message());
       cudaEventDestroy(done);
       return status;
     }
-    return std::unique_ptr<NcclTransfer>(new NcclTransferImpl(*this, done, std::move(memory)));
+    auto transfer = std::make_unique<NcclTransferImpl>(*this, done, std::move(memory));
+    pending_ = transfer.get();
+    return std::unique_ptr<NcclTransfer>(std::move(transfer));
   }
 
-  absl::Status EnqueueGroupLocked(std::span<const DeviceSpan> tensors, bool send,
-                                  absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Issues the group; it may still be ncclInProgress on return (SettleLocked).
+  absl::Status EnqueueGroupLocked(std::span<const DeviceSpan> tensors, bool send)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const int peer = kClientRank;
     ncclResult_t result = ncclGroupStart();
     if (result != ncclSuccess) return NcclError(result, "ncclGroupStart", comm_);
@@ -215,7 +249,7 @@ class NcclLinkImpl final : public NcclLink {
     if (result != ncclSuccess && result != ncclInProgress) {
       return NcclError(result, "ncclGroupEnd", comm_);
     }
-    return WaitCompleteLocked(send ? "enqueueing sends" : "enqueueing receives", deadline);
+    return absl::OkStatus();
   }
 
   const int device_;
@@ -224,9 +258,12 @@ class NcclLinkImpl final : public NcclLink {
   mutable absl::Mutex mu_;
   ncclComm_t comm_ ABSL_GUARDED_BY(mu_);  // null once aborted
   std::string abort_reason_ ABSL_GUARDED_BY(mu_);
+  // The last transfer enqueued whose event is not recorded yet (its group may be in progress).
+  NcclTransferImpl* pending_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 NcclTransferImpl::~NcclTransferImpl() {
+  link_.Forget(*this);
   if (!completed_) {
     // Never waited for (the stream ended first): the memory may still be written by a
     // receive, so the communicator must go before the memory does.
@@ -241,6 +278,15 @@ NcclTransferImpl::~NcclTransferImpl() {
 
 absl::Status NcclTransferImpl::Wait(absl::Time deadline) {
   if (completed_) return absl::OkStatus();
+  if (absl::Status recorded = link_.EnsureRecorded(*this, deadline); !recorded.ok()) {
+    if (recorded.code() == absl::StatusCode::kDeadlineExceeded) {
+      return absl::DeadlineExceededError(
+          absl::StrCat(recorded.message(),
+                       "; the peer did not take part in the transfer, the channel was "
+                       "aborted"));
+    }
+    return recorded;
+  }
   Backoff backoff;
   while (true) {
     const cudaError_t query = cudaEventQuery(done_);

@@ -38,6 +38,9 @@ step tests_kvcd 90 "$DIST/gpu_kvcd_cuda_test"
 step tests_ipc 120 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_cuda_ipc_test"
 step tests_nccl 240 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_nccl_transport_test"
 step transport 240 env BIN="$DIST" bash bench/transport/run.sh ${TRANSPORT_ARGS:-} --json="$OUT/transport.json"
+# The same over a slower link: NCCL without peer-to-peer (through host memory), standing in
+# for a network between nodes; both the raw baseline and kvcd use it.
+step transport_nop2p 240 env BIN="$DIST" NCCL_P2P_DISABLE=1 bash bench/transport/run.sh ${TRANSPORT_ARGS:-} --json="$OUT/transport_nop2p.json"
 step bench 200 "$DIST/gpu_bench" ${BENCH_ARGS:-}
 step tests_large 120 "$DIST/gpu_cuda_backend_test" --gtest_filter='LargeConfigs*'
 step kvcd_end_to_end 100 bash bench/gpu/kvcd_end_to_end.sh "$DIST"
@@ -52,7 +55,8 @@ step ncu 60 ncu --clock-control none --metrics gpu__time_duration.sum \
   "$DIST/gpu_bench" --tokens=32768 --layers=4 --methods=snapkv,knorm --repeats=1
 tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 [ -f "$LOGS/bench.log" ] && tail -30 "$LOGS/bench.log"
-[ -f "$LOGS/transport.log" ] && tail -20 "$LOGS/transport.log"
+[ -f "$LOGS/transport.log" ] && grep -E "^(cache|raw|kvcd|end)" "$LOGS/transport.log"
+[ -f "$LOGS/transport_nop2p.log" ] && grep -E "^(cache|raw|kvcd|end)" "$LOGS/transport_nop2p.log"
 [ -f "$LOGS/tests_nccl.log" ] && grep -E "^\[ +(OK|FAILED|SKIPPED) |Failure|error" "$LOGS/tests_nccl.log" | head -30
 grep -hE "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties|Failure" "$LOGS"/tests_*.log | head -60
 [ -f "$LOGS/kvcd_end_to_end.log" ] && grep -E "^== |backend|total" "$LOGS/kvcd_end_to_end.log" | head -30

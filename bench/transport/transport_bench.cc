@@ -6,7 +6,8 @@
 //     layer (keys and values per layer, one group each), between two communicators of this
 //     process; and cudaMemcpyPeer of the same bytes (the peer copy cuda_ipc avoids entirely).
 //  2. nccl ingest: the cache sent from GPU 1 to kvcd on GPU 0 over a TO_KVCD channel with
-//     streaming (the cheapest scorer), from the first send to the summary.
+//     streaming (the cheapest scorer) keeping 64 tokens a head (so that the inline results are
+//     small), from the first send to the summary.
 //  3. end to end, "prefill done" → "compact cache at decode": kvcd reads the prefill cache
 //     on GPU 0 in place (cuda_ipc), compresses, and forwards each layer over NCCL to the decode
 //     worker on GPU 1 (a listener thread here); against the raw NCCL send of the full cache
@@ -210,8 +211,8 @@ class DecodeListener {
     CHECK_OK(channel.status());
     channel_ = std::move(channel).value();
     CHECK_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    // Receive buffers sized for a whole layer kept (the most a layer can forward).
-    CHECK_CUDA(cudaMalloc(&buffer_, 512ull << 20));
+    // One receive slot per layer in flight.
+    CHECK_CUDA(cudaMalloc(&buffer_, kSlots * kSlotBytes));
     auto stream = client.ReceiveForwarded(channel_->id(), absl::InfiniteDuration());
     CHECK_OK(stream.status());
     notices_ = std::move(stream).value();
@@ -222,8 +223,8 @@ class DecodeListener {
     thread_.join();
   }
   const std::string& channel_id() const { return channel_->id(); }
-  // Blocks until request `request_id` ended; returns when (steady clock) its last layer's
-  // bytes were in GPU 1's memory, and the layers received.
+  // Blocks until request `request_id` ended; returns when (steady clock) every layer's bytes
+  // were in GPU 1's memory, and the layers received.
   std::pair<Clock::time_point, int> WaitForEnd(const std::string& request_id) {
     while (true) {
       {
@@ -242,31 +243,49 @@ class DecodeListener {
  private:
   void Run() {
     CHECK_CUDA(cudaSetDevice(1));
+    int received = 0;
     while (true) {
       absl::StatusOr<std::optional<v1::ForwardNotice>> notice = notices_->Next();
       if (!notice.ok() || !notice->has_value()) return;
       if ((*notice)->has_layer()) {
+        // Every layer gets a slot of its own, so receives of later layers are posted while
+        // earlier ones are in flight; the stream is synchronised once, at the request's end.
         const v1::LayerResult& result = (*notice)->layer().result();
+        std::byte* slot = buffer_ + (received++ % kSlots) * kSlotBytes;
+        if (result.keys_bytes() + result.values_bytes() + result.positions_bytes() > kSlotBytes) {
+          std::fprintf(stderr, "a forwarded layer exceeds the receive slot\n");
+          std::exit(1);
+        }
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (received == 1) first_notice_at_ = Clock::now();
+          last_notice_at_ = Clock::now();
+        }
         ForwardedLayerBuffers out;
-        out.keys = buffer_;
-        out.values = buffer_ + result.keys_bytes();
+        out.keys = slot;
+        out.values = slot + result.keys_bytes();
         out.positions =
-            reinterpret_cast<int32_t*>(buffer_ + result.keys_bytes() + result.values_bytes());
+            reinterpret_cast<int32_t*>(slot + result.keys_bytes() + result.values_bytes());
         CHECK_OK(channel_->ReceiveLayer((*notice)->layer(), out, stream_));
-        CHECK_OK(channel_->Synchronize(stream_, absl::Seconds(30)));
-        std::lock_guard<std::mutex> lock(mu_);
-        ++layers_;
-        last_layer_at_ = Clock::now();
       } else {
+        const Clock::time_point synchronize_started = Clock::now();
+        CHECK_OK(channel_->Synchronize(stream_, absl::Seconds(30)));
         if ((*notice)->end().status_code() != 0) {
           std::fprintf(stderr, "forwarded request failed: %s\n",
                        (*notice)->end().status_message().c_str());
         }
         std::lock_guard<std::mutex> lock(mu_);
+        end_notice_at_ = synchronize_started;
+        layers_ = received;
+        received = 0;
+        last_layer_at_ = Clock::now();
         ended_ = (*notice)->end().request_id();
       }
     }
   }
+
+  static constexpr int kSlots = 64;
+  static constexpr uint64_t kSlotBytes = uint64_t{64} << 20;
 
   Client& client_;
   std::unique_ptr<NcclChannel> channel_;
@@ -278,6 +297,10 @@ class DecodeListener {
   std::string ended_;
   int layers_ = 0;
   Clock::time_point last_layer_at_;
+
+ public:
+  // When the last request's first and last layer notices and its end notice arrived.
+  Clock::time_point first_notice_at_, last_notice_at_, end_notice_at_;
 };
 
 LayerRegions Regions(const CudaIpcChannel& channel, uint32_t region, const DeviceCache& cache,
@@ -335,6 +358,9 @@ int Run(const Options& options) {
     for (int r = 0; r < options.repeats + 1; ++r) {
       v1::CompressHeader header = Header(options, "streaming", r);
       header.set_request_id(absl::StrCat("ingest-", r));
+      // 64 tokens a head: the inline results (8 MiB for the whole cache) cost next to
+      // nothing, so the time is the ingest's.
+      header.mutable_method()->set_keep_tokens(64);
       (*channel)->Attach(header);
       const Clock::time_point start = Clock::now();
       auto session = (*client)->StartCompress(header);
@@ -352,7 +378,7 @@ int Run(const Options& options) {
     }
     const double seconds = Median(ingest);
     std::printf(
-        "kvcd nccl ingest GPU1->GPU0 (streaming, results inline): %.3f ms  %.1f GB/s  "
+        "kvcd nccl ingest GPU1->GPU0 (streaming, 64 tokens/head inline): %.3f ms  %.1f GB/s  "
         "= %.0f%% of raw nccl\n",
         seconds * 1e3, kv_total / seconds / 1e9, 100.0 * raw10 / seconds);
     absl::StrAppend(&json, ",\"kvcd_nccl_ingest_s\":", seconds);
@@ -385,9 +411,24 @@ int Run(const Options& options) {
         CHECK_OK(
             (*session)->SendLayerReady(0, l, Regions(**ipc, *region, gpu0, l, method == "snapkv")));
       }
+      const Clock::time_point announced = Clock::now();
       auto summary = (*session)->Finish();
       CHECK_OK(summary.status());
+      const Clock::time_point summarised = Clock::now();
       const auto [done, layers] = decode.WaitForEnd(header.request_id());
+      if (r == options.repeats) {
+        const auto ms = [&](Clock::time_point t) { return Seconds(t - start) * 1e3; };
+        const v1::StageTimings& t = summary->timings();
+        std::printf(
+            "  %s timeline (ms from start): layers announced %.3f, first notice at "
+            "decode %.3f, last layer notice %.3f, summary %.3f, end notice %.3f, all "
+            "bytes at decode %.3f; kvcd: receive %.3f, queue %.3f, score %.3f, select "
+            "%.3f, gather %.3f, total %.3f (stage times summed over layers)\n",
+            method.c_str(), ms(announced), ms(decode.first_notice_at_), ms(decode.last_notice_at_),
+            ms(summarised), ms(decode.end_notice_at_), ms(done), t.receive_seconds() * 1e3,
+            t.queue_seconds() * 1e3, t.score_seconds() * 1e3, t.select_seconds() * 1e3,
+            t.gather_seconds() * 1e3, t.total_seconds() * 1e3);
+      }
       if (layers != options.layers) {
         std::fprintf(stderr, "decode received %d of %d layers\n", layers, options.layers);
         return 1;

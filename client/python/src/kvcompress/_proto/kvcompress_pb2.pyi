@@ -55,6 +55,12 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_SCORES: _ClassVar[TensorKind]
     TENSOR_KIND_POSITIONS: _ClassVar[TensorKind]
     TENSOR_KIND_MERGED: _ClassVar[TensorKind]
+
+class ChannelDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANNEL_DIRECTION_UNSPECIFIED: _ClassVar[ChannelDirection]
+    CHANNEL_DIRECTION_TO_KVCD: _ClassVar[ChannelDirection]
+    CHANNEL_DIRECTION_FROM_KVCD: _ClassVar[ChannelDirection]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
@@ -83,6 +89,9 @@ TENSOR_KIND_QUERIES: TensorKind
 TENSOR_KIND_SCORES: TensorKind
 TENSOR_KIND_POSITIONS: TensorKind
 TENSOR_KIND_MERGED: TensorKind
+CHANNEL_DIRECTION_UNSPECIFIED: ChannelDirection
+CHANNEL_DIRECTION_TO_KVCD: ChannelDirection
+CHANNEL_DIRECTION_FROM_KVCD: ChannelDirection
 
 class CacheGeometry(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "num_query_heads", "head_dim", "dtype", "layout")
@@ -271,7 +280,7 @@ class OutputSpec(_message.Message):
     def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., return_merged_counts: bool = ...) -> None: ...
 
 class CompressHeader(_message.Message):
-    __slots__ = ("request_id", "geometry", "sequences", "method", "output", "transport", "channel_id")
+    __slots__ = ("request_id", "geometry", "sequences", "method", "output", "transport", "channel_id", "forward_channel_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +288,7 @@ class CompressHeader(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     geometry: CacheGeometry
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceShape]
@@ -286,7 +296,8 @@ class CompressHeader(_message.Message):
     output: OutputSpec
     transport: Transport
     channel_id: str
-    def __init__(self, request_id: _Optional[str] = ..., geometry: _Optional[_Union[CacheGeometry, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceShape, _Mapping]]] = ..., method: _Optional[_Union[MethodSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel_id: _Optional[str] = ...) -> None: ...
+    forward_channel_id: str
+    def __init__(self, request_id: _Optional[str] = ..., geometry: _Optional[_Union[CacheGeometry, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceShape, _Mapping]]] = ..., method: _Optional[_Union[MethodSpec, _Mapping]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., transport: _Optional[_Union[Transport, str]] = ..., channel_id: _Optional[str] = ..., forward_channel_id: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("sequence", "layer", "tensor", "offset", "data")
@@ -383,7 +394,7 @@ class StageTimings(_message.Message):
     def __init__(self, receive_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., select_seconds: _Optional[float] = ..., gather_seconds: _Optional[float] = ..., send_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., deferred_layers: _Optional[int] = ...) -> None: ...
 
 class CompressSummary(_message.Message):
-    __slots__ = ("request_id", "tokens_in", "tokens_kept", "bytes_in", "bytes_out", "timings", "backend")
+    __slots__ = ("request_id", "tokens_in", "tokens_kept", "bytes_in", "bytes_out", "timings", "backend", "forwarded_layers")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_KEPT_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +402,7 @@ class CompressSummary(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tokens_in: int
     tokens_kept: int
@@ -398,7 +410,8 @@ class CompressSummary(_message.Message):
     bytes_out: int
     timings: StageTimings
     backend: str
-    def __init__(self, request_id: _Optional[str] = ..., tokens_in: _Optional[int] = ..., tokens_kept: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
+    forwarded_layers: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens_in: _Optional[int] = ..., tokens_kept: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., backend: _Optional[str] = ..., forwarded_layers: _Optional[int] = ...) -> None: ...
 
 class CompressResponse(_message.Message):
     __slots__ = ("layer_result", "result_chunk", "summary")
@@ -424,15 +437,25 @@ class CudaIpcRegion(_message.Message):
     device_ordinal: int
     def __init__(self, ipc_handle: _Optional[bytes] = ..., size_bytes: _Optional[int] = ..., device_uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., device_ordinal: _Optional[int] = ...) -> None: ...
 
+class NcclEndpoint(_message.Message):
+    __slots__ = ("unique_id", "direction")
+    UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    unique_id: bytes
+    direction: ChannelDirection
+    def __init__(self, unique_id: _Optional[bytes] = ..., direction: _Optional[_Union[ChannelDirection, str]] = ...) -> None: ...
+
 class OpenChannelRequest(_message.Message):
-    __slots__ = ("transport", "idle_timeout_seconds", "regions")
+    __slots__ = ("transport", "idle_timeout_seconds", "regions", "nccl")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
     transport: Transport
     idle_timeout_seconds: int
     regions: _containers.RepeatedCompositeFieldContainer[CudaIpcRegion]
-    def __init__(self, transport: _Optional[_Union[Transport, str]] = ..., idle_timeout_seconds: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[CudaIpcRegion, _Mapping]]] = ...) -> None: ...
+    nccl: NcclEndpoint
+    def __init__(self, transport: _Optional[_Union[Transport, str]] = ..., idle_timeout_seconds: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[CudaIpcRegion, _Mapping]]] = ..., nccl: _Optional[_Union[NcclEndpoint, _Mapping]] = ...) -> None: ...
 
 class OpenChannelResponse(_message.Message):
     __slots__ = ("channel_id", "idle_timeout_seconds", "region_ids")
@@ -467,6 +490,46 @@ class RegisterRegionResponse(_message.Message):
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     region_id: int
     def __init__(self, region_id: _Optional[int] = ...) -> None: ...
+
+class ReceiveForwardedRequest(_message.Message):
+    __slots__ = ("channel_id",)
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    channel_id: str
+    def __init__(self, channel_id: _Optional[str] = ...) -> None: ...
+
+class ForwardedLayer(_message.Message):
+    __slots__ = ("request_id", "result", "geometry", "sequence_shape", "num_sequences")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    result: LayerResult
+    geometry: CacheGeometry
+    sequence_shape: SequenceShape
+    num_sequences: int
+    def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[LayerResult, _Mapping]] = ..., geometry: _Optional[_Union[CacheGeometry, _Mapping]] = ..., sequence_shape: _Optional[_Union[SequenceShape, _Mapping]] = ..., num_sequences: _Optional[int] = ...) -> None: ...
+
+class ForwardedRequestEnd(_message.Message):
+    __slots__ = ("request_id", "status_code", "status_message", "forwarded_layers")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    status_code: int
+    status_message: str
+    forwarded_layers: int
+    def __init__(self, request_id: _Optional[str] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., forwarded_layers: _Optional[int] = ...) -> None: ...
+
+class ForwardNotice(_message.Message):
+    __slots__ = ("layer", "end")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    layer: ForwardedLayer
+    end: ForwardedRequestEnd
+    def __init__(self, layer: _Optional[_Union[ForwardedLayer, _Mapping]] = ..., end: _Optional[_Union[ForwardedRequestEnd, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

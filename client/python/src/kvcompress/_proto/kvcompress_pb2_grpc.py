@@ -59,6 +59,11 @@ class KvCompressStub(object):
                 request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.SerializeToString,
                 response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.FromString,
                 _registered_method=True)
+        self.ReceiveForwarded = channel.unary_stream(
+                '/kvcompress.v1.KvCompress/ReceiveForwarded',
+                request_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.ReceiveForwardedRequest.SerializeToString,
+                response_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.ForwardNotice.FromString,
+                _registered_method=True)
 
 
 class KvCompressServicer(object):
@@ -108,6 +113,19 @@ class KvCompressServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveForwarded(self, request, context):
+        """The decode side of forwarding: the owner of an nccl channel opened with direction
+        CHANNEL_DIRECTION_FROM_KVCD listens here. For each compressed layer forwarded into the
+        channel kvcd first sends a ForwardNotice{layer} and then ncclSends the layer's tensors
+        (keys, values, positions, then merged counts when merged_bytes > 0) over the channel's
+        communicator; the listener posts one ncclRecv per tensor, of exactly the announced bytes,
+        in that order. ForwardNotice{end} closes each forwarded request (with its status). One
+        listener per channel (ALREADY_EXISTS for a second); the stream ends when the channel closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvCompressServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +153,11 @@ def add_KvCompressServicer_to_server(servicer, server):
                     servicer.RegisterRegion,
                     request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.FromString,
                     response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.SerializeToString,
+            ),
+            'ReceiveForwarded': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReceiveForwarded,
+                    request_deserializer=kvcompress_dot_v1_dot_kvcompress__pb2.ReceiveForwardedRequest.FromString,
+                    response_serializer=kvcompress_dot_v1_dot_kvcompress__pb2.ForwardNotice.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +295,33 @@ class KvCompress(object):
             '/kvcompress.v1.KvCompress/RegisterRegion',
             kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionRequest.SerializeToString,
             kvcompress_dot_v1_dot_kvcompress__pb2.RegisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveForwarded(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvcompress.v1.KvCompress/ReceiveForwarded',
+            kvcompress_dot_v1_dot_kvcompress__pb2.ReceiveForwardedRequest.SerializeToString,
+            kvcompress_dot_v1_dot_kvcompress__pb2.ForwardNotice.FromString,
             options,
             channel_credentials,
             insecure,
