@@ -474,6 +474,15 @@ absl::Status CompressSession::HandleLayerResult(const v1::LayerResult& result) {
   out.kept.assign(result.kept().begin(), result.kept().end());
   out.max_kept = padded_ ? result.max_kept() : 0;
   out.attention_mass_kept = mass;
+  if (result.in_output_region()) {
+    // The tensors went to the layer's output slice; nothing follows on the stream.
+    if (padded_ || result.merged_bytes() != 0) {
+      return Violation(absl::StrCat(where, ": in_output_region with ",
+                                    padded_ ? "the padded format" : "merged counts"));
+    }
+    out.in_output_region = true;
+    return CompleteLayer(*pending);
+  }
   out.keys.resize(kv_bytes);
   out.values.resize(kv_bytes);
   out.positions.resize(rows);
@@ -529,9 +538,10 @@ absl::Status CompressSession::CompleteLayer(PendingLayer& pending) {
   const int64_t num_tokens = header_.sequences(result.sequence).num_tokens();
   const std::string where =
       absl::StrCat("sequence ", result.sequence, " layer ", result.layer, " positions");
-  // Rows of head h: [first, first + kept[h]); padded rows past kept[h] must hold −1.
+  // Rows of head h: [first, first + kept[h]); padded rows past kept[h] must hold −1. (Results
+  // written to an output slice carry no positions here to check.)
   int64_t first = 0;
-  for (size_t h = 0; h < result.kept.size(); ++h) {
+  for (size_t h = 0; h < result.kept.size() && !result.in_output_region; ++h) {
     const int64_t count = result.kept[h];
     for (int64_t i = 0; i < count; ++i) {
       const int32_t position = result.positions[first + i];
@@ -618,7 +628,7 @@ absl::Status CompressSession::SendLayer(uint32_t sequence, uint32_t layer,
 absl::Status CompressSession::SendLayerReady(uint32_t sequence, uint32_t layer,
                                              const LayerRegions& regions) {
   if (header_.transport() == v1::TRANSPORT_NCCL) {
-    if (regions.keys || regions.values || regions.queries || regions.scores) {
+    if (regions.keys || regions.values || regions.queries || regions.scores || regions.output) {
       return absl::InvalidArgumentError(absl::StrCat(
           "SendLayerReady(sequence ", sequence, ", layer ", layer,
           "): an nccl session's LayerReady carries no region slices (the tensors travel over "
@@ -665,6 +675,15 @@ absl::Status CompressSession::SendLayerReady(uint32_t sequence, uint32_t layer,
   put(regions.values, ready.mutable_values());
   if (regions.queries.has_value()) put(regions.queries, ready.mutable_queries());
   if (regions.scores.has_value()) put(regions.scores, ready.mutable_scores());
+  if (regions.output.has_value()) {
+    if (padded_) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where,
+                       " output: output slices take the ragged format; this session asks for "
+                       "OUTPUT_FORMAT_PADDED"));
+    }
+    put(regions.output, ready.mutable_output());
+  }
   return WriteLayerReady(request, nullptr);
 }
 

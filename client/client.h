@@ -124,6 +124,10 @@ struct LayerRegions {
   std::optional<RegionSlice> values;
   std::optional<RegionSlice> queries;  // exactly when W > 0
   std::optional<RegionSlice> scores;   // exactly when the sequence has score heads
+  // Optional: where kvcd writes this layer's result instead of sending it (ragged sessions
+  // only; LayerReady.output gives the layout). The result then arrives with
+  // in_output_region set and empty tensors.
+  std::optional<RegionSlice> output;
 };
 
 // The compressed cache of one layer of one sequence, as the server returned it.
@@ -142,6 +146,9 @@ struct CompressedLayer {
   std::vector<int32_t> merged;  // empty when the server sent no merged counts
   // Fraction of the window queries' attention on kept tokens; −1 when not computed.
   double attention_mass_kept = -1.0;
+  // The tensors were written into the layer's output slice (cuda_ipc); keys, values and
+  // positions are empty here.
+  bool in_output_region = false;
 
   int64_t total_kept() const;
   // Tensor bytes of this result (keys + values + positions + merged).

@@ -38,6 +38,9 @@ struct LayerResult {
   // True when the result was returned by an AddLayer call for another layer: a cross-layer
   // budget (dynamic) held this layer back until its sequence was complete.
   bool deferred = false;
+  // The tensors were written into device memory the client named (cuda_ipc output slices):
+  // keys, values and positions are then empty here, the counts above still hold.
+  bool in_output_region = false;
 
   int64_t total_kept() const { return offsets.empty() ? 0 : offsets.back(); }
 };

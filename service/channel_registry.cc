@@ -58,6 +58,32 @@ absl::StatusOr<uint32_t> Channel::AddRegion(const RegionDescriptor& region, size
   return static_cast<uint32_t>(regions_.size() - 1);
 }
 
+absl::StatusOr<std::byte*> Channel::ResolveWritableSlice(uint32_t region, uint64_t offset,
+                                                         uint64_t capacity,
+                                                         absl::string_view field) const {
+  if (capacity == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": bytes 0; an output slice needs room for the layer's result"));
+  }
+  absl::MutexLock lock(&mu_);
+  if (region >= regions_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": region ", region,
+                                                   " is not registered on channel ", id_,
+                                                   " (it has ", regions_.size(), " regions)"));
+  }
+  if (offset % kRegionSliceAlignment != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": offset ", offset, " is not a multiple of ", kRegionSliceAlignment));
+  }
+  const ChannelRegion& target = regions_[region];
+  if (offset > target.size_bytes || capacity > target.size_bytes - offset) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": bytes [", offset, ", ", offset, " + ",
+                                                   capacity, ") lie outside region ", region, " (",
+                                                   target.size_bytes, " bytes)"));
+  }
+  return target.base + offset;
+}
+
 absl::StatusOr<std::byte*> Channel::ResolveSlice(uint32_t region, uint64_t offset, uint64_t bytes,
                                                  uint64_t expected_bytes,
                                                  absl::string_view field) const {

@@ -115,6 +115,12 @@ class Channel final {
   absl::StatusOr<std::byte*> ResolveSlice(uint32_t region, uint64_t offset, uint64_t bytes,
                                           uint64_t expected_bytes, absl::string_view field) const;
 
+  // The address of [offset, offset + capacity) of region `region` for kvcd to write into
+  // (an output slice): the region exists, offset is a multiple of kRegionSliceAlignment, the
+  // slice lies inside the region and is not empty. INVALID_ARGUMENT naming `field`.
+  absl::StatusOr<std::byte*> ResolveWritableSlice(uint32_t region, uint64_t offset,
+                                                  uint64_t capacity, absl::string_view field) const;
+
   size_t num_regions() const;
 
   // The transport's resources; valid for the channel's life.

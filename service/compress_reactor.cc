@@ -147,6 +147,14 @@ void CompressReactor::OnReadDone(bool ok) {
     }
   } else if (ready_assembler_ != nullptr) {
     absl::StatusOr<DeviceLayerInput> ready = ready_assembler_->AddRequest(request_);
+    if (ready.ok() && ready->output != nullptr && (header_->padded_output || forward_outbox_)) {
+      ready = absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", ready->sequence, " layer ", ready->layer, " output: ",
+          forward_outbox_ != nullptr
+              ? "the request forwards its results (forward_channel_id); give no output slice"
+              : "output slices take the ragged format; the request asks for "
+                "OUTPUT_FORMAT_PADDED"));
+    }
     if (ready.ok()) {
       chunk_bytes = ready_assembler_->bytes_received() - device_bytes_announced_;
       device_bytes_announced_ = ready_assembler_->bytes_received();

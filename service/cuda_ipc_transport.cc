@@ -221,6 +221,29 @@ absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeo
   const size_t rows = static_cast<size_t>(layer.num_rows);
   const size_t first = static_cast<size_t>(layer.first_row);
   LayerResult result = std::move(outcome.metadata);
+  if (input.output != nullptr) {
+    const OutputRegionLayout place = OutputLayoutFor(rows, out.row_bytes);
+    if (place.total_bytes > input.output_capacity) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", input.sequence, " layer ",
+                                                     input.layer, " output: the result needs ",
+                                                     place.total_bytes, " bytes (", rows,
+                                                     " rows: keys, values and positions, each at a "
+                                                     "multiple of 16 bytes), the slice holds ",
+                                                     input.output_capacity));
+    }
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.keys_offset,
+                                             out.keys + first * out.row_bytes, rows * out.row_bytes,
+                                             cudaMemcpyDeviceToDevice, stream.get()));
+    KVC_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(input.output + place.values_offset, out.values + first * out.row_bytes,
+                        rows * out.row_bytes, cudaMemcpyDeviceToDevice, stream.get()));
+    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.positions_offset,
+                                             out.positions + first, rows * sizeof(int32_t),
+                                             cudaMemcpyDeviceToDevice, stream.get()));
+    KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
+    result.in_output_region = true;
+    return result;
+  }
   result.keys.resize(rows * out.row_bytes);
   result.values.resize(rows * out.row_bytes);
   result.positions.resize(rows);

@@ -49,10 +49,22 @@ struct DeviceLayerInput {
   const std::byte* values = nullptr;
   const std::byte* queries = nullptr;  // null when shape.num_window_queries == 0
   const float* scores = nullptr;       // null when shape.num_score_heads == 0
+  // cuda_ipc output slice (LayerReady.output): where the result goes; null: inline.
+  std::byte* output = nullptr;
+  uint64_t output_capacity = 0;
 };
 
+// Where the tensors of a result of `rows` rows lie in an output slice: keys at 0, values and
+// positions each at the next multiple of 16 bytes (LayerReady.output).
+struct OutputRegionLayout {
+  uint64_t keys_offset = 0, values_offset = 0, positions_offset = 0, total_bytes = 0;
+};
+OutputRegionLayout OutputLayoutFor(uint64_t rows, uint64_t row_bytes);
+
 // Compresses `input` on `backend` (the CUDA backend), `tokens_per_head` and `keep_all` as
-// CompressionPipeline decides them for the layer. Errors as CudaCompressor::Compress.
+// CompressionPipeline decides them for the layer. With input.output set, the result is
+// written there (OutputLayoutFor) and comes back with in_output_region and empty tensors;
+// INVALID_ARGUMENT when it does not fit. Errors as CudaCompressor::Compress.
 absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
                                                 const MethodSpec& spec,
                                                 const DeviceLayerInput& input,

@@ -3,10 +3,10 @@
 //
 // Order of checks: the message is a header; geometry (GeometryFromProto); at least one
 // sequence, each with num_tokens ≥ 1, num_window_queries ≤ num_tokens and num_score_heads
-// in {0, H_kv, H_q}; transport (inline, or cuda_ipc whose channel the reactor checks; nccl is UNIMPLEMENTED); output format; server limits
-// (sequences, layers, tokens per sequence, total tensor bytes); the method
-// (MethodSpecFromProto, then CompressionPipeline::Create, which checks it against the
-// geometry and every sequence).
+// in {0, H_kv, H_q}; transport (inline, or cuda_ipc / nccl, whose channel the reactor checks);
+// output format; server limits (sequences, layers, tokens per sequence, total tensor bytes);
+// the method (MethodSpecFromProto, then CompressionPipeline::Create, which checks it against
+// the geometry and every sequence).
 //
 // Errors: INVALID_ARGUMENT naming the field, the value and what was expected;
 // RESOURCE_EXHAUSTED with the number and the limit (and the flag that sets it);

@@ -110,11 +110,34 @@ absl::StatusOr<DeviceLayerInput> LayerReadyAssembler::AddLayerReady(const v1::La
   input.values = *values;
   input.queries = *queries;
   input.scores = reinterpret_cast<const float*>(*scores);
+  if (ready.has_output()) {
+    const std::string field = absl::StrCat(where, " output");
+    if (channel_ == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field,
+                       ": output slices are for cuda_ipc streams; nccl results come inline or are "
+                       "forwarded"));
+    }
+    absl::StatusOr<std::byte*> output = channel_->ResolveWritableSlice(
+        ready.output().region(), ready.output().offset(), ready.output().bytes(), field);
+    if (!output.ok()) return output.status();
+    input.output = *output;
+    input.output_capacity = ready.output().bytes();
+  }
 
   announced_[index] = true;
   ++layers_completed_;
   bytes_received_ += bytes;
   return input;
+}
+
+OutputRegionLayout OutputLayoutFor(uint64_t rows, uint64_t row_bytes) {
+  const auto align = [](uint64_t bytes) { return (bytes + 15) / 16 * 16; };
+  OutputRegionLayout place;
+  place.values_offset = align(rows * row_bytes);
+  place.positions_offset = align(place.values_offset + rows * row_bytes);
+  place.total_bytes = place.positions_offset + rows * sizeof(int32_t);
+  return place;
 }
 
 const char* LayerReadyAssembler::TransportName() const {

@@ -31,6 +31,16 @@ EncodedLayerResult::EncodedLayerResult(LayerResult result, const CacheGeometry& 
   }
   header_.set_max_kept(static_cast<uint32_t>(max_kept));
 
+  if (result.in_output_region) {
+    // Written into the client's output slice (cuda_ipc): the header alone, with the sizes.
+    const uint64_t rows = static_cast<uint64_t>(result.total_kept());
+    const uint64_t row_bytes = static_cast<uint64_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+    header_.set_in_output_region(true);
+    header_.set_keys_bytes(rows * row_bytes);
+    header_.set_values_bytes(rows * row_bytes);
+    header_.set_positions_bytes(rows * sizeof(int32_t));
+    return;
+  }
   const bool send_merged = !result.merged.empty() || return_merged_counts;
   std::vector<std::byte> keys, values, positions, merged;
   if (padded) {

@@ -246,6 +246,81 @@ TEST_F(CudaIpcTest, InPlaceResultsEqualTheInlineTransport) {
   EXPECT_TRUE((*channel)->Close().ok());
 }
 
+TEST_F(CudaIpcTest, ResultsWrittenIntoAClientRegionEqualTheInlineTransport) {
+  absl::StatusOr<std::unique_ptr<CudaIpcChannel>> channel = OpenCudaIpcChannel(*client_);
+  ASSERT_TRUE(channel.ok()) << channel.status();
+  absl::StatusOr<uint32_t> region = (*channel)->RegisterRegion(device_->base(), device_->bytes());
+  ASSERT_TRUE(region.ok()) << region.status();
+  // One output allocation, a slot per layer with room for every token kept.
+  const uint64_t slot = 2 * kKvBytes + kKvHeads * kTokens * sizeof(int32_t) + 64;
+  void* output = nullptr;
+  ASSERT_EQ(cudaMalloc(&output, kLayers * slot), cudaSuccess);
+  ASSERT_EQ(cudaMemset(output, 0xab, kLayers * slot), cudaSuccess);
+  absl::StatusOr<uint32_t> output_region = (*channel)->RegisterRegion(output, kLayers * slot);
+  ASSERT_TRUE(output_region.ok()) << output_region.status();
+
+  const std::vector<CompressedLayer> want = Inline();
+  v1::CompressHeader header = Header();
+  (*channel)->Attach(header);
+  auto session = client_->StartCompress(header);
+  ASSERT_TRUE(session.ok()) << session.status();
+  for (int l = 0; l < kLayers; ++l) {
+    absl::StatusOr<LayerRegions> regions = RegionsOf(**channel, *region, *device_, l);
+    ASSERT_TRUE(regions.ok()) << regions.status();
+    regions->output = RegionSlice{*output_region, l * slot, slot};
+    ASSERT_TRUE((*session)->SendLayerReady(0, l, *regions).ok());
+  }
+  absl::StatusOr<v1::CompressSummary> summary = (*session)->Finish();
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->bytes_out(), 0u);  // nothing came over the stream
+  int layers = 0;
+  while (true) {
+    absl::StatusOr<std::optional<CompressedLayer>> next = (*session)->NextResult();
+    ASSERT_TRUE(next.ok()) << next.status();
+    if (!next->has_value()) break;
+    const CompressedLayer& got = **next;
+    const CompressedLayer& expected = want.at(got.layer);
+    SCOPED_TRACE(absl::StrCat("layer ", got.layer));
+    ++layers;
+    EXPECT_TRUE(got.in_output_region);
+    EXPECT_TRUE(got.keys.empty());
+    EXPECT_EQ(got.kept, expected.kept);
+    EXPECT_DOUBLE_EQ(got.attention_mass_kept, expected.attention_mass_kept);
+    // The bytes in the region, where LayerReady.output says they go.
+    const uint64_t keys_bytes = expected.keys.size();
+    const uint64_t values_at = (keys_bytes + 15) / 16 * 16;
+    const uint64_t positions_at = (values_at + keys_bytes + 15) / 16 * 16;
+    std::vector<std::byte> bytes(positions_at + expected.positions.size() * sizeof(int32_t));
+    ASSERT_EQ(cudaMemcpy(bytes.data(), static_cast<std::byte*>(output) + got.layer * slot,
+                         bytes.size(), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_EQ(std::memcmp(bytes.data(), expected.keys.data(), keys_bytes), 0);
+    EXPECT_EQ(std::memcmp(bytes.data() + values_at, expected.values.data(), keys_bytes), 0);
+    EXPECT_EQ(std::memcmp(bytes.data() + positions_at, expected.positions.data(),
+                          expected.positions.size() * sizeof(int32_t)),
+              0);
+  }
+  EXPECT_EQ(layers, kLayers);
+
+  // A slot too small for the result: INVALID_ARGUMENT naming the layer, kvcd serving.
+  v1::CompressHeader small_header = Header();
+  (*channel)->Attach(small_header);
+  auto small = client_->StartCompress(small_header);
+  ASSERT_TRUE(small.ok());
+  for (int l = 0; l < kLayers; ++l) {
+    absl::StatusOr<LayerRegions> regions = RegionsOf(**channel, *region, *device_, l);
+    ASSERT_TRUE(regions.ok());
+    regions->output = RegionSlice{*output_region, l * slot, 4096};
+    if (!(*small)->SendLayerReady(0, l, *regions).ok()) break;  // the stream may fail first
+  }
+  absl::Status status = (*small)->Finish().status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr(" output: the result needs"));
+  EXPECT_EQ(DeviceMemoryInUse(*client_), 0u);
+  EXPECT_TRUE((*channel)->Close().ok());
+  cudaFree(output);
+}
+
 TEST_F(CudaIpcTest, BadOffsetIsInvalidArgumentAndTheChannelKeepsServing) {
   absl::StatusOr<std::unique_ptr<CudaIpcChannel>> channel = OpenCudaIpcChannel(*client_);
   ASSERT_TRUE(channel.ok()) << channel.status();

@@ -96,6 +96,23 @@ TEST(EncodedLayerResultTest, RaggedWithoutMergedCounts) {
   }
 }
 
+TEST(EncodedLayerResultTest, ResultsInAnOutputRegionSendTheHeaderAlone) {
+  LayerResult result = SmallResult(false);
+  result.keys.clear();
+  result.values.clear();
+  result.positions.clear();
+  result.in_output_region = true;
+  EncodedLayerResult encoded(std::move(result), Fp32Geometry(2, 2), false, true);
+  EXPECT_EQ(encoded.total_bytes(), 0u);
+  const Drained drained = Drain(encoded);
+  EXPECT_TRUE(drained.header.in_output_region());
+  EXPECT_EQ(drained.header.keys_bytes(), 32u);  // the sizes of what lies in the region
+  EXPECT_EQ(drained.header.values_bytes(), 32u);
+  EXPECT_EQ(drained.header.positions_bytes(), 16u);
+  EXPECT_EQ(drained.header.merged_bytes(), 0u);
+  EXPECT_TRUE(drained.chunks.empty());
+}
+
 TEST(EncodedLayerResultTest, RaggedMergedCountsOfAMergingReducer) {
   EncodedLayerResult encoded(SmallResult(true), Fp32Geometry(2, 2), false, false);
   const Drained drained = Drain(encoded);

@@ -153,5 +153,42 @@ TEST_F(LayerReadyAssemblerTest, NcclStreamsAnnounceLayersWithoutSlices) {
   EXPECT_THAT(assembler.AddRequest(bare).status().message(), HasSubstr("sent twice"));
 }
 
+TEST_F(LayerReadyAssemblerTest, OutputSlicesAreCheckedAndResolved) {
+  LayerReadyAssembler assembler(geometry_, sequences_, channel_.get());
+  v1::CompressRequest with_output = Ready(0, 0);
+  Slice(*with_output.mutable_layer_ready()->mutable_output(), 8192, 4096);
+  absl::StatusOr<DeviceLayerInput> layer = assembler.AddRequest(with_output);
+  ASSERT_TRUE(layer.ok()) << layer.status();
+  absl::StatusOr<std::byte*> base = channel_->ResolveSlice(0, 0, 16, 16, "base");
+  ASSERT_TRUE(base.ok());
+  EXPECT_EQ(layer->output - *base, 8192);
+  EXPECT_EQ(layer->output_capacity, 4096u);
+
+  v1::CompressRequest misaligned = Ready(0, 1);
+  Slice(*misaligned.mutable_layer_ready()->mutable_output(), 8200, 4096);
+  absl::Status status = assembler.AddRequest(misaligned).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("sequence 0 layer 1 output: offset 8200"));
+
+  v1::CompressRequest outside = Ready(0, 1);
+  Slice(*outside.mutable_layer_ready()->mutable_output(), 1 << 15, 1 << 16);
+  EXPECT_THAT(assembler.AddRequest(outside).status().message(), HasSubstr("outside region"));
+
+  LayerReadyAssembler nccl(geometry_, sequences_, nullptr);
+  v1::CompressRequest bare;
+  bare.mutable_layer_ready()->set_sequence(0);
+  Slice(*bare.mutable_layer_ready()->mutable_output(), 0, 4096);
+  EXPECT_THAT(nccl.AddRequest(bare).status().message(),
+              HasSubstr("output slices are for cuda_ipc"));
+}
+
+TEST(OutputLayoutTest, TensorsStartAtMultiplesOfSixteen) {
+  const OutputRegionLayout place = OutputLayoutFor(3, 10);  // 30-byte keys and values
+  EXPECT_EQ(place.keys_offset, 0u);
+  EXPECT_EQ(place.values_offset, 32u);
+  EXPECT_EQ(place.positions_offset, 64u);
+  EXPECT_EQ(place.total_bytes, 76u);
+}
+
 }  // namespace
 }  // namespace kvcompress

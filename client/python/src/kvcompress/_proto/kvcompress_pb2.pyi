@@ -324,20 +324,22 @@ class RegionSlice(_message.Message):
     def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class LayerReady(_message.Message):
-    __slots__ = ("sequence", "layer", "keys", "values", "queries", "scores")
+    __slots__ = ("sequence", "layer", "keys", "values", "queries", "scores", "output")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     layer: int
     keys: RegionSlice
     values: RegionSlice
     queries: RegionSlice
     scores: RegionSlice
-    def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[RegionSlice, _Mapping]] = ..., values: _Optional[_Union[RegionSlice, _Mapping]] = ..., queries: _Optional[_Union[RegionSlice, _Mapping]] = ..., scores: _Optional[_Union[RegionSlice, _Mapping]] = ...) -> None: ...
+    output: RegionSlice
+    def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., keys: _Optional[_Union[RegionSlice, _Mapping]] = ..., values: _Optional[_Union[RegionSlice, _Mapping]] = ..., queries: _Optional[_Union[RegionSlice, _Mapping]] = ..., scores: _Optional[_Union[RegionSlice, _Mapping]] = ..., output: _Optional[_Union[RegionSlice, _Mapping]] = ...) -> None: ...
 
 class CompressRequest(_message.Message):
     __slots__ = ("header", "chunk", "layer_ready")
@@ -350,7 +352,7 @@ class CompressRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[CompressHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., layer_ready: _Optional[_Union[LayerReady, _Mapping]] = ...) -> None: ...
 
 class LayerResult(_message.Message):
-    __slots__ = ("sequence", "layer", "format", "kept", "max_kept", "keys_bytes", "values_bytes", "positions_bytes", "merged_bytes", "attention_mass_kept")
+    __slots__ = ("sequence", "layer", "format", "kept", "max_kept", "keys_bytes", "values_bytes", "positions_bytes", "merged_bytes", "attention_mass_kept", "in_output_region")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +363,7 @@ class LayerResult(_message.Message):
     POSITIONS_BYTES_FIELD_NUMBER: _ClassVar[int]
     MERGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    IN_OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     layer: int
     format: OutputFormat
@@ -371,7 +374,8 @@ class LayerResult(_message.Message):
     positions_bytes: int
     merged_bytes: int
     attention_mass_kept: float
-    def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., kept: _Optional[_Iterable[int]] = ..., max_kept: _Optional[int] = ..., keys_bytes: _Optional[int] = ..., values_bytes: _Optional[int] = ..., positions_bytes: _Optional[int] = ..., merged_bytes: _Optional[int] = ..., attention_mass_kept: _Optional[float] = ...) -> None: ...
+    in_output_region: bool
+    def __init__(self, sequence: _Optional[int] = ..., layer: _Optional[int] = ..., format: _Optional[_Union[OutputFormat, str]] = ..., kept: _Optional[_Iterable[int]] = ..., max_kept: _Optional[int] = ..., keys_bytes: _Optional[int] = ..., values_bytes: _Optional[int] = ..., positions_bytes: _Optional[int] = ..., merged_bytes: _Optional[int] = ..., attention_mass_kept: _Optional[float] = ..., in_output_region: bool = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("receive_seconds", "queue_seconds", "score_seconds", "select_seconds", "gather_seconds", "send_seconds", "total_seconds", "deferred_layers")
