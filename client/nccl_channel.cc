@@ -4,6 +4,7 @@
 #include <chrono>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -281,38 +282,59 @@ absl::Status NcclChannel::SendLayer(CompressSession& session, uint32_t sequence,
 
 absl::Status NcclChannel::ReceiveLayer(const v1::ForwardedLayer& layer,
                                        const ForwardedLayerBuffers& out, cudaStream_t stream) {
-  if (absl::Status status = ValidateForwardedLayer(layer); !status.ok()) {
-    return absl::InvalidArgumentError(status.message());
+  const v1::ForwardedLayer* layers[] = {&layer};
+  return ReceiveLayers(layers, std::span<const ForwardedLayerBuffers>(&out, 1), stream);
+}
+
+absl::Status NcclChannel::ReceiveLayers(std::span<const v1::ForwardedLayer* const> layers,
+                                        std::span<const ForwardedLayerBuffers> out,
+                                        cudaStream_t stream) {
+  if (layers.size() != out.size() || layers.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("NcclChannel::ReceiveLayers: ", layers.size(),
+                                                   " layers, ", out.size(),
+                                                   " buffer sets; expected as many, at least one"));
   }
-  const v1::LayerResult& result = layer.result();
-  const std::string where = absl::StrCat("request ", layer.request_id(), " sequence ",
-                                         result.sequence(), " layer ", result.layer());
   struct Tensor {
     const char* name;
     void* data;
     uint64_t bytes;
   };
-  const Tensor all[] = {{"keys", out.keys, result.keys_bytes()},
-                        {"values", out.values, result.values_bytes()},
-                        {"positions", out.positions, result.positions_bytes()},
-                        {"merged", out.merged, result.merged_bytes()}};
-  for (const Tensor& tensor : all) {
-    if (tensor.bytes > 0 && tensor.data == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, " ", tensor.name, ": no buffer for the announced ", tensor.bytes, " bytes"));
+  std::vector<Tensor> tensors;
+  std::string where;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const v1::ForwardedLayer& layer = *layers[i];
+    if (absl::Status status = ValidateForwardedLayer(layer); !status.ok()) {
+      return absl::InvalidArgumentError(status.message());
+    }
+    const v1::LayerResult& result = layer.result();
+    where = absl::StrCat("request ", layer.request_id(), " sequence ", result.sequence(), " layer ",
+                         result.layer());
+    const Tensor all[] = {{"keys", out[i].keys, result.keys_bytes()},
+                          {"values", out[i].values, result.values_bytes()},
+                          {"positions", out[i].positions, result.positions_bytes()},
+                          {"merged", out[i].merged, result.merged_bytes()}};
+    for (const Tensor& tensor : all) {
+      if (tensor.bytes == 0) continue;
+      if (tensor.data == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, " ", tensor.name, ": no buffer for the announced ", tensor.bytes, " bytes"));
+      }
+      tensors.push_back(tensor);
     }
   }
+  if (layers.size() > 1) where = absl::StrCat(layers.size(), " layers up to ", where);
 
   absl::MutexLock lock(&mu_);
-  if (absl::Status status = Usable(v1::CHANNEL_DIRECTION_FROM_KVCD, "NcclChannel::ReceiveLayer");
+  if (absl::Status status = Usable(v1::CHANNEL_DIRECTION_FROM_KVCD, "NcclChannel::ReceiveLayers");
       !status.ok()) {
     return status;
   }
+  // One group for every layer given: a group of a non-blocking communicator is launched from
+  // a helper thread, so one per layer would cost that launch per layer.
   if (ncclResult_t r = ncclGroupStart(); r != ncclSuccess) {
     return Abort(NcclError(r, comm_, absl::StrCat(where, ": ncclGroupStart")));
   }
-  for (const Tensor& tensor : all) {
-    if (tensor.bytes == 0) continue;
+  for (const Tensor& tensor : tensors) {
     const ncclResult_t r = ncclRecv(tensor.data, tensor.bytes, ncclUint8, kPeer, comm_, stream);
     if (absl::Status s = Settle(r, absl::StrCat(where, " ", tensor.name, ": ncclRecv")); !s.ok()) {
       return s;

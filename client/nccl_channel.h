@@ -44,7 +44,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -117,6 +119,11 @@ class NcclChannel final {
   // as for SendLayer.
   absl::Status ReceiveLayer(const v1::ForwardedLayer& layer, const ForwardedLayerBuffers& out,
                             cudaStream_t stream);
+  // The same for several notices at once (in notice order, out[i] for layers[i]), as one NCCL
+  // group: a decode worker that has several notices queued receives them with one group
+  // launch instead of one per layer.
+  absl::Status ReceiveLayers(std::span<const v1::ForwardedLayer* const> layers,
+                             std::span<const ForwardedLayerBuffers> out, cudaStream_t stream);
 
   // Waits until `stream` has finished the work enqueued on it, polling the stream and the
   // communicator. OK when done; INTERNAL on an asynchronous NCCL or CUDA error and

@@ -222,6 +222,22 @@ void CompressReactor::Enqueue(AssembledLayer layer) {
   const uint64_t bytes = LayerBytes(layer.input) + layer.device_bytes;
   ++jobs_in_flight_;
   job_bytes_ += bytes;
+  if (layer.device.has_value()) {
+    // Device-resident layers are compressed in batches: every layer ready when a batch job
+    // starts goes into one CudaCompressor call (and, forwarded, one NCCL group). Two batch
+    // jobs at most, so that one compresses while the other's results are in flight.
+    device_pending_.push_back(PendingDeviceLayer{std::move(layer), Clock::now()});
+    if (device_batch_jobs_ >= 2) return;
+    ++device_batch_jobs_;
+    ++jobs_in_flight_;  // the batch job itself, so that Finish waits for it
+    absl::Status status = environment_.scheduler->Enqueue([this]() mutable { RunDeviceBatches(); });
+    if (!status.ok()) {
+      --device_batch_jobs_;
+      --jobs_in_flight_;
+      Fail(std::move(status), ErrorReason::kShuttingDown);
+    }
+    return;
+  }
   absl::Status status = environment_.scheduler->Enqueue(
       [this, layer = std::move(layer), enqueued = Clock::now()]() mutable {
         RunLayerJob(std::move(layer), enqueued);
@@ -243,22 +259,56 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
   }
   absl::StatusOr<std::vector<LayerResult>> results =
       skip ? absl::StatusOr<std::vector<LayerResult>>(absl::CancelledError("stream ended"))
-      : layer.device.has_value() ? CompressDevice(layer)
-                                 : header_->pipeline->AddLayer(std::move(layer.input));
+           : header_->pipeline->AddLayer(std::move(layer.input));
   layer.input = LayerInput();
   layer.reservation.Release();
-  layer.device_transfer.reset();  // the received layer's device memory
+  if (results.ok() && forward_outbox_ != nullptr) {
+    if (absl::Status forwarded = ForwardHostResults(*results); !forwarded.ok()) {
+      results = forwarded;
+    }
+  }
+  CompleteJob(std::move(results), input_bytes, /*layers=*/1, started, enqueued, skip);
+}
+
+void CompressReactor::RunDeviceBatches() {
+  while (true) {
+    std::vector<PendingDeviceLayer> batch;
+    bool skip;
+    {
+      absl::MutexLock lock(&mu_);
+      if (device_pending_.empty()) {
+        --device_batch_jobs_;
+        --jobs_in_flight_;
+        Continue();
+        return;
+      }
+      batch.assign(std::make_move_iterator(device_pending_.begin()),
+                   std::make_move_iterator(device_pending_.end()));
+      device_pending_.clear();
+      skip = terminal_;
+    }
+    const Clock::time_point started = Clock::now();
+    uint64_t input_bytes = 0;
+    for (const PendingDeviceLayer& pending : batch) input_bytes += pending.layer.device_bytes;
+    absl::StatusOr<std::vector<LayerResult>> results =
+        skip ? absl::StatusOr<std::vector<LayerResult>>(absl::CancelledError("stream ended"))
+             : CompressDeviceBatch(batch);
+    const Clock::time_point enqueued = batch.front().enqueued;
+    const int64_t layers = static_cast<int64_t>(batch.size());
+    batch.clear();  // the received layers' device memory
+    CompleteJob(std::move(results), input_bytes, layers, started, enqueued, skip);
+  }
+}
+
+void CompressReactor::CompleteJob(absl::StatusOr<std::vector<LayerResult>> results,
+                                  uint64_t input_bytes, int64_t layers, Clock::time_point started,
+                                  Clock::time_point enqueued, bool skip) {
   uint64_t forwarded_bytes = 0;
   if (results.ok() && forward_outbox_ != nullptr) {
     for (const LayerResult& result : *results) {
       forwarded_bytes +=
           static_cast<uint64_t>(result.total_kept()) *
           (2 * RowBytes(header_->geometry) + sizeof(int32_t) * (result.merged.empty() ? 1 : 2));
-    }
-    if (!layer.device.has_value()) {
-      if (absl::Status forwarded = ForwardHostResults(*results); !forwarded.ok()) {
-        results = forwarded;
-      }
     }
   }
   const Clock::time_point compressed_at = Clock::now();
@@ -299,7 +349,7 @@ void CompressReactor::RunLayerJob(AssembledLayer layer, Clock::time_point enqueu
   }
 
   absl::MutexLock lock(&mu_);
-  --jobs_in_flight_;
+  jobs_in_flight_ -= layers;
   job_bytes_ -= input_bytes;
   if (!skip && !terminal_) {
     queue_seconds_ += Seconds(started - enqueued);
@@ -524,32 +574,32 @@ absl::Status CompressReactor::ReceiveNcclLayer(AssembledLayer& layer) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<LayerResult>> CompressReactor::CompressDevice(AssembledLayer& layer) {
-  const DeviceLayerInput& input = *layer.device;
-  if (layer.device_transfer != nullptr) {
-    if (absl::Status received = layer.device_transfer->Wait(NcclDeadline()); !received.ok()) {
-      return received;
+absl::StatusOr<std::vector<LayerResult>> CompressReactor::CompressDeviceBatch(
+    std::vector<PendingDeviceLayer>& batch) {
+  std::vector<DeviceLayerTask> tasks;
+  tasks.reserve(batch.size());
+  for (PendingDeviceLayer& pending : batch) {
+    if (pending.layer.device_transfer != nullptr) {
+      KVC_RETURN_IF_ERROR(pending.layer.device_transfer->Wait(NcclDeadline()));
     }
+    DeviceLayerTask& task = tasks.emplace_back();
+    task.input = *pending.layer.device;
+    task.tokens_per_head = header_->pipeline->LayerTokenBudget(task.input.layer, task.input.shape);
+    task.keep_all = IsSkippedLayer(header_->spec, task.input.layer) ||
+                    task.tokens_per_head >= task.input.shape.num_tokens;
   }
-  const int64_t tokens_per_head = header_->pipeline->LayerTokenBudget(input.layer, input.shape);
-  const bool keep_all =
-      IsSkippedLayer(header_->spec, input.layer) || tokens_per_head >= input.shape.num_tokens;
-  absl::StatusOr<LayerResult> result =
-      forward_outbox_ != nullptr
-          ? ForwardDeviceLayer(*header_->backend, header_->geometry, header_->spec, input,
-                               tokens_per_head, keep_all, ForwardContextFor(input.sequence))
-          : CompressDeviceLayer(*header_->backend, header_->geometry, header_->spec, input,
-                                tokens_per_head, keep_all);
-  if (!result.ok()) return result.status();
-  std::vector<LayerResult> results;
-  results.push_back(std::move(result).value());
-  return results;
+  if (forward_outbox_ != nullptr) {
+    const ForwardContext forward = ForwardContextFor();
+    return CompressDeviceLayers(*header_->backend, header_->geometry, header_->spec, tasks,
+                                &forward);
+  }
+  return CompressDeviceLayers(*header_->backend, header_->geometry, header_->spec, tasks, nullptr);
 }
 
 absl::Status CompressReactor::ForwardHostResults(std::vector<LayerResult>& results) {
   for (LayerResult& result : results) {
     KVC_RETURN_IF_ERROR(ForwardHostLayer(*environment_.channels.device_backend, header_->geometry,
-                                         result, ForwardContextFor(result.sequence)));
+                                         result, ForwardContextFor()));
     result.keys = {};
     result.values = {};
     result.positions = {};
@@ -557,13 +607,12 @@ absl::Status CompressReactor::ForwardHostResults(std::vector<LayerResult>& resul
   return absl::OkStatus();
 }
 
-ForwardContext CompressReactor::ForwardContextFor(int sequence) const {
+ForwardContext CompressReactor::ForwardContextFor() const {
   ForwardContext forward;
   forward.outbox = forward_outbox_;
   forward.request_id = header_->request_id;
   forward.geometry = &forward_geometry_;
-  forward.sequence_shape = &forward_shapes_.at(static_cast<size_t>(sequence));
-  forward.num_sequences = static_cast<uint32_t>(forward_shapes_.size());
+  forward.sequence_shapes = &forward_shapes_;
   forward.deadline = NcclDeadline();
   return forward;
 }

@@ -111,14 +111,27 @@ class CompressReactor final
   // nccl: enqueues the receives of an announced layer into pooled device memory (read path,
   // so that receives keep the order of the layer_ready messages).
   absl::Status ReceiveNcclLayer(AssembledLayer& layer);
-  // Runs on a worker: one device-resident layer through the cuda backend's device path
-  // (waiting for its nccl receive first), forwarded when the stream forwards.
-  absl::StatusOr<std::vector<LayerResult>> CompressDevice(AssembledLayer& layer);
+  // A device-resident layer waiting for a batch job, and when it was enqueued.
+  struct PendingDeviceLayer {
+    AssembledLayer layer;
+    Clock::time_point enqueued;
+  };
+  // Runs on a worker: compresses the stream's pending device layers in batches until none is
+  // left.
+  void RunDeviceBatches();
+  // One batch through the cuda backend's device path (waiting for the nccl receives first),
+  // forwarded when the stream forwards.
+  absl::StatusOr<std::vector<LayerResult>> CompressDeviceBatch(
+      std::vector<PendingDeviceLayer>& batch);
+  // The accounting and hand-over of a job's results (`layers` input layers).
+  void CompleteJob(absl::StatusOr<std::vector<LayerResult>> results, uint64_t input_bytes,
+                   int64_t layers, Clock::time_point started, Clock::time_point enqueued,
+                   bool skip);
   // Runs on a worker: forwards host-resident results (inline input); their tensors are
   // released.
   absl::Status ForwardHostResults(std::vector<LayerResult>& results);
-  // What ForwardDeviceLayer / ForwardHostLayer need for a layer of `sequence`.
-  ForwardContext ForwardContextFor(int sequence) const;
+  // What CompressDeviceLayers / ForwardHostLayer need to forward this stream's layers.
+  ForwardContext ForwardContextFor() const;
   // The deadline of one NCCL wait: the stream's, capped by --nccl_timeout from now.
   absl::Time NcclDeadline() const;
   // Tells the forward channel's listener that this request ended (once).
@@ -177,7 +190,10 @@ class CompressReactor final
   bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;  // half-close seen and every layer received
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
-  int64_t jobs_in_flight_ ABSL_GUARDED_BY(mu_) = 0;  // queued or running
+  // Layers queued or running, plus running batch jobs.
+  int64_t jobs_in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<PendingDeviceLayer> device_pending_ ABSL_GUARDED_BY(mu_);
+  int device_batch_jobs_ ABSL_GUARDED_BY(mu_) = 0;  // scheduled or running
   std::deque<EncodedLayerResult> outgoing_ ABSL_GUARDED_BY(mu_);
   v1::CompressResponse response_ ABSL_GUARDED_BY(mu_);  // the message being written
 

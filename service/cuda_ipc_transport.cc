@@ -3,6 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -140,154 +141,158 @@ absl::StatusOr<std::unique_ptr<ChannelResources>> MakeCudaIpcResources(Backend& 
 
 namespace {
 
-// One device-resident layer compressed on `stream`, its results still in device memory, and
+// Device-resident layers compressed on `stream`, their results still in device memory, and
 // their metadata (kept per head, offsets, attention mass) on the host.
-struct DeviceLayerOutcome {
+struct DeviceBatchOutcome {
   DeviceBatchResult out;
-  LayerResult metadata;  // tensors empty
+  std::vector<LayerResult> metadata;  // tensors empty
 };
 
-absl::StatusOr<DeviceLayerOutcome> RunDeviceLayer(
-    CudaCompressor& compressor, const CacheGeometry& geometry, const MethodSpec& spec,
-    const DeviceLayerInput& input, int64_t tokens_per_head, bool keep_all, cudaStream_t stream) {
-  DeviceLayerJob job;
-  job.sequence = input.sequence;
-  job.layer = input.layer;
-  job.input.keys = input.keys;
-  job.input.values = input.values;
-  job.input.queries = input.queries;
-  job.input.scores = input.scores;
-  job.input.shape = input.shape;
-  job.tokens_per_head = tokens_per_head;
-  job.keep_all = keep_all;
-  DeviceLayerOutcome outcome;
-  KVC_ASSIGN_OR_RETURN(
-      outcome.out,
-      compressor.Compress(geometry, spec, std::span<const DeviceLayerJob>(&job, 1), stream));
+absl::StatusOr<DeviceBatchOutcome> RunDeviceLayers(CudaCompressor& compressor,
+                                                   const CacheGeometry& geometry,
+                                                   const MethodSpec& spec,
+                                                   std::span<const DeviceLayerTask> tasks,
+                                                   cudaStream_t stream) {
+  std::vector<DeviceLayerJob> jobs(tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const DeviceLayerInput& input = tasks[i].input;
+    DeviceLayerJob& job = jobs[i];
+    job.sequence = input.sequence;
+    job.layer = input.layer;
+    job.input.keys = input.keys;
+    job.input.values = input.values;
+    job.input.queries = input.queries;
+    job.input.scores = input.scores;
+    job.input.shape = input.shape;
+    job.tokens_per_head = tasks[i].tokens_per_head;
+    job.keep_all = tasks[i].keep_all;
+  }
+  DeviceBatchOutcome outcome;
+  KVC_ASSIGN_OR_RETURN(outcome.out, compressor.Compress(geometry, spec, jobs, stream));
   const DeviceBatchResult& out = outcome.out;
-  const DeviceLayerResult& layer = out.layers.at(0);
+  const size_t num_layers = tasks.size();
   const int num_heads = geometry.num_kv_heads;
-  LayerResult& result = outcome.metadata;
-  result.sequence = layer.sequence;
-  result.layer = layer.layer;
-  double mass_sum = 0;
-  std::vector<int32_t> head_counts(num_heads, layer.kept_per_head);
-  KVC_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(&mass_sum, out.mass_sums, sizeof(double), cudaMemcpyDeviceToHost, stream));
-  if (layer.ragged_heads) {
+  std::vector<double> mass_sums(num_layers);
+  std::vector<int32_t> head_counts;
+  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(mass_sums.data(), out.mass_sums,
+                                           num_layers * sizeof(double), cudaMemcpyDeviceToHost,
+                                           stream));
+  const bool any_ragged = std::any_of(out.layers.begin(), out.layers.end(),
+                                      [](const DeviceLayerResult& l) { return l.ragged_heads; });
+  if (any_ragged) {
+    head_counts.resize(num_layers * num_heads);
     KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(head_counts.data(), out.head_counts,
-                                             num_heads * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                             stream));
+                                             head_counts.size() * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, stream));
   }
   KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  result.kept = head_counts;
-  result.offsets.resize(num_heads + 1);
-  int64_t offset = 0;
-  for (int h = 0; h < num_heads; ++h) {
-    result.offsets[h] = static_cast<int32_t>(offset);
-    offset += result.kept[h];
+  outcome.metadata.resize(num_layers);
+  for (size_t i = 0; i < num_layers; ++i) {
+    const DeviceLayerResult& layer = out.layers.at(i);
+    LayerResult& result = outcome.metadata[i];
+    result.sequence = layer.sequence;
+    result.layer = layer.layer;
+    result.kept.assign(num_heads, layer.kept_per_head);
+    if (layer.ragged_heads) {
+      std::copy_n(head_counts.begin() + i * num_heads, num_heads, result.kept.begin());
+    }
+    result.offsets.resize(num_heads + 1);
+    int64_t offset = 0;
+    for (int h = 0; h < num_heads; ++h) {
+      result.offsets[h] = static_cast<int32_t>(offset);
+      offset += result.kept[h];
+    }
+    result.offsets[num_heads] = static_cast<int32_t>(offset);
+    if (offset != layer.num_rows) {
+      return absl::InternalError(absl::StrCat("sequence ", result.sequence, " layer ", result.layer,
+                                              ": heads kept ", offset, " rows in all, expected ",
+                                              layer.num_rows));
+    }
+    result.attention_mass_kept =
+        layer.mass_scale > 0 ? mass_sums[i] * layer.mass_scale : layer.mass_fixed;
   }
-  result.offsets[num_heads] = static_cast<int32_t>(offset);
-  if (offset != layer.num_rows) {
-    return absl::InternalError(absl::StrCat("sequence ", result.sequence, " layer ", result.layer,
-                                            ": heads kept ", offset, " rows in all, expected ",
-                                            layer.num_rows));
-  }
-  result.attention_mass_kept =
-      layer.mass_scale > 0 ? mass_sum * layer.mass_scale : layer.mass_fixed;
   return outcome;
 }
 
 }  // namespace
 
-absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                                const MethodSpec& spec,
-                                                const DeviceLayerInput& input,
-                                                int64_t tokens_per_head, bool keep_all) {
+absl::StatusOr<std::vector<LayerResult>> CompressDeviceLayers(
+    Backend& backend, const CacheGeometry& geometry, const MethodSpec& spec,
+    std::span<const DeviceLayerTask> tasks, const ForwardContext* forward) {
   CudaCompressor* compressor = CudaCompressorOf(backend);
   if (compressor == nullptr) {
     return absl::FailedPreconditionError("device-resident layers need kvcd's cuda backend");
   }
+  if (forward != nullptr && forward->outbox == nullptr) {
+    return absl::FailedPreconditionError("forwarding needs the forward channel's outbox");
+  }
+  if (tasks.empty()) return std::vector<LayerResult>();
   KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
-  // Declared before the result, so that the result's memory is freed in the stream's order
-  // and the stream is synchronised and destroyed after it.
+  // Declared before the results, so that their memory is freed in the stream's order and the
+  // stream is synchronised and destroyed after it.
   ScopedStream stream;
   KVC_RETURN_IF_ERROR(stream.Create());
-  KVC_ASSIGN_OR_RETURN(
-      DeviceLayerOutcome outcome,
-      RunDeviceLayer(*compressor, geometry, spec, input, tokens_per_head, keep_all, stream.get()));
+  KVC_ASSIGN_OR_RETURN(DeviceBatchOutcome outcome,
+                       RunDeviceLayers(*compressor, geometry, spec, tasks, stream.get()));
+  // RunDeviceLayers synchronised the stream: the results are in device memory, and stay there
+  // (outcome.out owns them) until they are copied or sent.
   const DeviceBatchResult& out = outcome.out;
-  const DeviceLayerResult& layer = out.layers.at(0);
-  const size_t rows = static_cast<size_t>(layer.num_rows);
-  const size_t first = static_cast<size_t>(layer.first_row);
-  LayerResult result = std::move(outcome.metadata);
-  if (input.output != nullptr) {
-    const OutputRegionLayout place = OutputLayoutFor(rows, out.row_bytes);
-    if (place.total_bytes > input.output_capacity) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", input.sequence, " layer ",
-                                                     input.layer, " output: the result needs ",
-                                                     place.total_bytes, " bytes (", rows,
-                                                     " rows: keys, values and positions, each at a "
-                                                     "multiple of 16 bytes), the slice holds ",
-                                                     input.output_capacity));
+  std::vector<LayerResult>& results = outcome.metadata;
+  std::vector<v1::ForwardNotice> notices;
+  std::vector<DeviceSpan> spans;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const DeviceLayerInput& input = tasks[i].input;
+    const DeviceLayerResult& layer = out.layers.at(i);
+    LayerResult& result = results[i];
+    const uint64_t rows = static_cast<uint64_t>(layer.num_rows);
+    const uint64_t first = static_cast<uint64_t>(layer.first_row);
+    std::byte* keys = out.keys + first * out.row_bytes;
+    std::byte* values = out.values + first * out.row_bytes;
+    int32_t* positions = out.positions + first;
+    if (forward != nullptr) {
+      notices.push_back(ForwardNoticeFor(result, out.row_bytes, *forward));
+      spans.push_back({keys, rows * out.row_bytes});
+      spans.push_back({values, rows * out.row_bytes});
+      spans.push_back({reinterpret_cast<std::byte*>(positions), rows * sizeof(int32_t)});
+    } else if (input.output != nullptr) {
+      const OutputRegionLayout place = OutputLayoutFor(rows, out.row_bytes);
+      if (place.total_bytes > input.output_capacity) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "sequence ", input.sequence, " layer ", input.layer, " output: the result needs ",
+            place.total_bytes, " bytes (", rows,
+            " rows: keys, values and positions, each at a multiple of 16 bytes), the slice "
+            "holds ",
+            input.output_capacity));
+      }
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.keys_offset, keys,
+                                               rows * out.row_bytes, cudaMemcpyDeviceToDevice,
+                                               stream.get()));
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.values_offset, values,
+                                               rows * out.row_bytes, cudaMemcpyDeviceToDevice,
+                                               stream.get()));
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.positions_offset, positions,
+                                               rows * sizeof(int32_t), cudaMemcpyDeviceToDevice,
+                                               stream.get()));
+      result.in_output_region = true;
+    } else {
+      result.keys.resize(rows * out.row_bytes);
+      result.values.resize(rows * out.row_bytes);
+      result.positions.resize(rows);
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.keys.data(), keys, rows * out.row_bytes,
+                                               cudaMemcpyDeviceToHost, stream.get()));
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.values.data(), values, rows * out.row_bytes,
+                                               cudaMemcpyDeviceToHost, stream.get()));
+      KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.positions.data(), positions,
+                                               rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                               stream.get()));
     }
-    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.keys_offset,
-                                             out.keys + first * out.row_bytes, rows * out.row_bytes,
-                                             cudaMemcpyDeviceToDevice, stream.get()));
-    KVC_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(input.output + place.values_offset, out.values + first * out.row_bytes,
-                        rows * out.row_bytes, cudaMemcpyDeviceToDevice, stream.get()));
-    KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(input.output + place.positions_offset,
-                                             out.positions + first, rows * sizeof(int32_t),
-                                             cudaMemcpyDeviceToDevice, stream.get()));
-    KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
-    result.in_output_region = true;
-    return result;
   }
-  result.keys.resize(rows * out.row_bytes);
-  result.values.resize(rows * out.row_bytes);
-  result.positions.resize(rows);
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.keys.data(), out.keys + first * out.row_bytes,
-                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
-                                           stream.get()));
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.values.data(), out.values + first * out.row_bytes,
-                                           rows * out.row_bytes, cudaMemcpyDeviceToHost,
-                                           stream.get()));
-  KVC_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result.positions.data(), out.positions + first,
-                                           rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                           stream.get()));
+  if (forward != nullptr) {
+    KVC_RETURN_IF_ERROR(
+        forward->outbox->DeliverAll(std::move(notices), std::move(spans), forward->deadline));
+  }
   KVC_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream.get()));
-  return result;
-}
-
-absl::StatusOr<LayerResult> ForwardDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                               const MethodSpec& spec,
-                                               const DeviceLayerInput& input,
-                                               int64_t tokens_per_head, bool keep_all,
-                                               const ForwardContext& forward) {
-  CudaCompressor* compressor = CudaCompressorOf(backend);
-  if (compressor == nullptr || forward.outbox == nullptr) {
-    return absl::FailedPreconditionError("forwarding needs kvcd's cuda backend");
-  }
-  KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
-  ScopedStream stream;
-  KVC_RETURN_IF_ERROR(stream.Create());
-  KVC_ASSIGN_OR_RETURN(
-      DeviceLayerOutcome outcome,
-      RunDeviceLayer(*compressor, geometry, spec, input, tokens_per_head, keep_all, stream.get()));
-  // RunDeviceLayer synchronised the stream: the results are in device memory, and stay there
-  // (outcome.out owns them) until the sends complete.
-  const DeviceBatchResult& out = outcome.out;
-  const DeviceLayerResult& layer = out.layers.at(0);
-  const uint64_t rows = static_cast<uint64_t>(layer.num_rows);
-  const uint64_t first = static_cast<uint64_t>(layer.first_row);
-  const DeviceSpan tensors[] = {
-      {out.keys + first * out.row_bytes, rows * out.row_bytes},
-      {out.values + first * out.row_bytes, rows * out.row_bytes},
-      {reinterpret_cast<std::byte*>(out.positions + first), rows * sizeof(int32_t)}};
-  KVC_RETURN_IF_ERROR(forward.outbox->Deliver(
-      ForwardNoticeFor(outcome.metadata, out.row_bytes, forward), tensors, forward.deadline));
-  return std::move(outcome.metadata);
+  return std::move(results);
 }
 
 }  // namespace kvcompress

@@ -5,11 +5,12 @@
 // MakeCudaIpcResources gives a channel its ChannelResources: OpenRegion maps the client's
 // device (by UUID, else PCI bus id, else ordinal) to kvcd's ordinal, requires it to be the
 // CUDA backend's device, and calls cudaIpcOpenMemHandle with cudaIpcMemLazyEnablePeerAccess;
-// Release closes every handle (cudaIpcCloseMemHandle). CompressDeviceLayer runs one layer whose
-// tensors lie in device memory through the CUDA backend's own CudaCompressor (the device
-// pointer path) and copies the result to the host, giving the LayerResult the inline
-// transport gives for the same tensors; the device memory the call takes from the backend's
-// pool (scratch and results) is released before it returns, on success and on failure.
+// Release closes every handle (cudaIpcCloseMemHandle). CompressDeviceLayers runs layers whose
+// tensors lie in device memory (opened regions, or nccl receive buffers) through the CUDA
+// backend's own CudaCompressor (the device pointer path) and copies the results to the host —
+// the LayerResults the inline transport gives for the same tensors — or into the client's
+// output slices, or forwards them; the device memory the call takes from the backend's pool
+// (scratch and results) is released before it returns, on success and on failure.
 //
 // Without CUDA in the build, MakeCudaIpcResources answers UNIMPLEMENTED and CudaIpcCompiled
 // is false. FAILED_PRECONDITION when the backend is not the CUDA backend.
@@ -21,6 +22,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/backend.h"
@@ -61,14 +64,29 @@ struct OutputRegionLayout {
 };
 OutputRegionLayout OutputLayoutFor(uint64_t rows, uint64_t row_bytes);
 
-// Compresses `input` on `backend` (the CUDA backend), `tokens_per_head` and `keep_all` as
-// CompressionPipeline decides them for the layer. With input.output set, the result is
-// written there (OutputLayoutFor) and comes back with in_output_region and empty tensors;
-// INVALID_ARGUMENT when it does not fit. Errors as CudaCompressor::Compress.
-absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                                const MethodSpec& spec,
-                                                const DeviceLayerInput& input,
-                                                int64_t tokens_per_head, bool keep_all);
+struct ForwardContext;  // nccl_transport.h
+
+// One device-resident layer to compress, with the token budget and keep_all that
+// CompressionPipeline decides for it.
+struct DeviceLayerTask {
+  DeviceLayerInput input;
+  int64_t tokens_per_head = 0;
+  bool keep_all = false;
+};
+
+// Compresses `tasks` on `backend` (the CUDA backend) in one CudaCompressor call — one launch
+// sequence for all of them, which is what makes a stream's ready layers cheap together — and
+// returns one result per task, in order:
+//  - forward null, input.output null: the tensors copied to the host (the inline answer);
+//  - input.output set: the tensors written there (OutputLayoutFor), in_output_region set,
+//    INVALID_ARGUMENT when a result does not fit its slice;
+//  - forward set: every result sent from device memory to the forward channel, all in one
+//    ForwardOutbox::DeliverAll (one NCCL group); the results carry counts, no tensors.
+// The device memory the call takes from the backend's pool is released before it returns,
+// on success and on failure. Errors as CudaCompressor::Compress.
+absl::StatusOr<std::vector<LayerResult>> CompressDeviceLayers(
+    Backend& backend, const CacheGeometry& geometry, const MethodSpec& spec,
+    std::span<const DeviceLayerTask> tasks, const ForwardContext* forward);
 
 }  // namespace kvcompress
 

@@ -20,21 +20,10 @@ absl::StatusOr<std::unique_ptr<ChannelResources>> MakeCudaIpcResources(Backend& 
   return NotBuilt();
 }
 
-absl::StatusOr<LayerResult> CompressDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                                const MethodSpec& spec,
-                                                const DeviceLayerInput& input,
-                                                int64_t tokens_per_head, bool keep_all) {
-  (void)backend, (void)geometry, (void)spec, (void)input, (void)tokens_per_head, (void)keep_all;
-  return NotBuilt();
-}
-
-absl::StatusOr<LayerResult> ForwardDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                               const MethodSpec& spec,
-                                               const DeviceLayerInput& input,
-                                               int64_t tokens_per_head, bool keep_all,
-                                               const ForwardContext& forward) {
-  (void)backend, (void)geometry, (void)spec, (void)input, (void)tokens_per_head, (void)keep_all,
-      (void)forward;
+absl::StatusOr<std::vector<LayerResult>> CompressDeviceLayers(
+    Backend& backend, const CacheGeometry& geometry, const MethodSpec& spec,
+    std::span<const DeviceLayerTask> tasks, const ForwardContext* forward) {
+  (void)backend, (void)geometry, (void)spec, (void)tasks, (void)forward;
   return NotBuilt();
 }
 

@@ -18,8 +18,11 @@
 #ifndef KVCOMPRESS_SERVICE_FORWARD_OUTBOX_H_
 #define KVCOMPRESS_SERVICE_FORWARD_OUTBOX_H_
 
+#include <deque>
+#include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -54,15 +57,28 @@ class ForwardOutbox final {
 
   // Announces `notice` (a ForwardNotice.layer) and sends `tensors` in one ordered step, then
   // waits for the transfer until `deadline`. On failure the listener is closed with it.
+  // Concurrent calls are combined: while one caller enqueues a group, the layers that arrive
+  // queue up and go out as the next group (one NCCL group launch for all of them), their
+  // notices first, in queue order.
   absl::Status Deliver(v1::ForwardNotice notice, std::span<const DeviceSpan> tensors,
                        absl::Time deadline);
+  // Several layers at once: `notices` in order, `tensors` every layer's tensors in the same
+  // order, all in one group.
+  absl::Status DeliverAll(std::vector<v1::ForwardNotice> notices, std::vector<DeviceSpan> tensors,
+                          absl::Time deadline);
   // Announces a notice with no tensors (ForwardNotice.end); dropped without a listener.
   void Post(v1::ForwardNotice notice);
 
  private:
+  struct Batch;
+  struct Delivery;
+
   NcclLink& link_;
   mutable absl::Mutex mu_;
   ForwardListener* listener_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Layers waiting for the caller that is enqueueing (flushing_) to take them.
+  std::deque<std::shared_ptr<Delivery>> queue_ ABSL_GUARDED_BY(mu_);
+  bool flushing_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace kvcompress

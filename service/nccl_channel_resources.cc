@@ -46,8 +46,11 @@ v1::ForwardNotice ForwardNoticeFor(const LayerResult& result, size_t row_bytes,
   v1::ForwardedLayer& layer = *notice.mutable_layer();
   layer.set_request_id(forward.request_id);
   if (forward.geometry != nullptr) *layer.mutable_geometry() = *forward.geometry;
-  if (forward.sequence_shape != nullptr) *layer.mutable_sequence_shape() = *forward.sequence_shape;
-  layer.set_num_sequences(forward.num_sequences);
+  if (forward.sequence_shapes != nullptr) {
+    *layer.mutable_sequence_shape() =
+        forward.sequence_shapes->at(static_cast<size_t>(result.sequence));
+    layer.set_num_sequences(static_cast<uint32_t>(forward.sequence_shapes->size()));
+  }
   v1::LayerResult& out = *layer.mutable_result();
   out.set_sequence(static_cast<uint32_t>(result.sequence));
   out.set_layer(static_cast<uint32_t>(result.layer));

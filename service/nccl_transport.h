@@ -9,8 +9,9 @@
 //    ReceiveDeviceLayer takes pooled device memory from the cuda backend and enqueues the
 //    receives of the layer's tensors (keys, values, queries, scores); the compression job
 //    waits for them and compresses in place.
-//  - FROM_KVCD channels carry compressed caches out (forwarding): ForwardDeviceLayer
-//    compresses a device-resident layer and sends the results straight from device memory;
+//  - FROM_KVCD channels carry compressed caches out (forwarding): CompressDeviceLayers
+//    (cuda_ipc_transport.h) with a ForwardContext compresses device-resident layers and sends
+//    the results straight from device memory;
 //    ForwardHostLayer stages a host result (the inline transport, the CPU backend) through
 //    pooled device memory. Forwarded layers are ragged: keys, values [Σ kept, D], positions
 //    int32 [Σ kept], merged counts int32 [Σ kept] when the result has them.
@@ -23,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -75,19 +77,10 @@ absl::StatusOr<ReceivedDeviceLayer> ReceiveDeviceLayer(Backend& backend, NcclLin
 struct ForwardContext {
   ForwardOutbox* outbox = nullptr;
   std::string request_id;
-  const v1::CacheGeometry* geometry = nullptr;  // the request's, echoed in the notice
-  const v1::SequenceShape* sequence_shape = nullptr;
-  uint32_t num_sequences = 0;
+  const v1::CacheGeometry* geometry = nullptr;  // the request's, echoed in the notices
+  const std::vector<v1::SequenceShape>* sequence_shapes = nullptr;  // the request's, by index
   absl::Time deadline = absl::InfiniteFuture();
 };
-
-// Compresses a device-resident layer as CompressDeviceLayer does and forwards the result from
-// device memory. Returns the result's metadata (kept, offsets, mass) with empty tensors.
-absl::StatusOr<LayerResult> ForwardDeviceLayer(Backend& backend, const CacheGeometry& geometry,
-                                               const MethodSpec& spec,
-                                               const DeviceLayerInput& input,
-                                               int64_t tokens_per_head, bool keep_all,
-                                               const ForwardContext& forward);
 
 // Forwards a host-resident result through `device_backend`'s pool (the CUDA backend).
 absl::Status ForwardHostLayer(Backend& device_backend, const CacheGeometry& geometry,

@@ -22,9 +22,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -216,10 +219,12 @@ class DecodeListener {
     auto stream = client.ReceiveForwarded(channel_->id(), absl::InfiniteDuration());
     CHECK_OK(stream.status());
     notices_ = std::move(stream).value();
+    reader_ = std::thread([this] { Read(); });
     thread_ = std::thread([this] { Run(); });
   }
   ~DecodeListener() {
     notices_->Cancel();
+    reader_.join();
     thread_.join();
   }
   const std::string& channel_id() const { return channel_->id(); }
@@ -241,46 +246,82 @@ class DecodeListener {
   }
 
  private:
+  // Reads notices into the queue as they come, so that the receiving thread finds every
+  // notice that arrived while it was busy and receives those layers with one NCCL group.
+  void Read() {
+    while (true) {
+      absl::StatusOr<std::optional<v1::ForwardNotice>> notice = notices_->Next();
+      std::lock_guard<std::mutex> lock(queue_mu_);
+      if (!notice.ok() || !notice->has_value()) {
+        closed_ = true;
+        queue_cv_.notify_one();
+        return;
+      }
+      queue_.push_back(std::move(**notice));
+      queue_cv_.notify_one();
+    }
+  }
+
   void Run() {
     CHECK_CUDA(cudaSetDevice(1));
     int received = 0;
+    std::vector<v1::ForwardNotice> notices;
+    std::vector<const v1::ForwardedLayer*> layers;
+    std::vector<ForwardedLayerBuffers> buffers;
+    const auto flush = [&] {
+      if (layers.empty()) return;
+      CHECK_OK(channel_->ReceiveLayers(layers, buffers, stream_));
+      layers.clear();
+      buffers.clear();
+    };
     while (true) {
-      absl::StatusOr<std::optional<v1::ForwardNotice>> notice = notices_->Next();
-      if (!notice.ok() || !notice->has_value()) return;
-      if ((*notice)->has_layer()) {
-        // Every layer gets a slot of its own, so receives of later layers are posted while
-        // earlier ones are in flight; the stream is synchronised once, at the request's end.
-        const v1::LayerResult& result = (*notice)->layer().result();
-        std::byte* slot = buffer_ + (received++ % kSlots) * kSlotBytes;
-        if (result.keys_bytes() + result.values_bytes() + result.positions_bytes() > kSlotBytes) {
-          std::fprintf(stderr, "a forwarded layer exceeds the receive slot\n");
-          std::exit(1);
-        }
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          if (received == 1) first_notice_at_ = Clock::now();
-          last_notice_at_ = Clock::now();
-        }
-        ForwardedLayerBuffers out;
-        out.keys = slot;
-        out.values = slot + result.keys_bytes();
-        out.positions =
-            reinterpret_cast<int32_t*>(slot + result.keys_bytes() + result.values_bytes());
-        CHECK_OK(channel_->ReceiveLayer((*notice)->layer(), out, stream_));
-      } else {
-        const Clock::time_point synchronize_started = Clock::now();
-        CHECK_OK(channel_->Synchronize(stream_, absl::Seconds(30)));
-        if ((*notice)->end().status_code() != 0) {
-          std::fprintf(stderr, "forwarded request failed: %s\n",
-                       (*notice)->end().status_message().c_str());
-        }
-        std::lock_guard<std::mutex> lock(mu_);
-        end_notice_at_ = synchronize_started;
-        layers_ = received;
-        received = 0;
-        last_layer_at_ = Clock::now();
-        ended_ = (*notice)->end().request_id();
+      {
+        std::unique_lock<std::mutex> lock(queue_mu_);
+        queue_cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        notices.assign(std::make_move_iterator(queue_.begin()),
+                       std::make_move_iterator(queue_.end()));
+        queue_.clear();
       }
+      for (const v1::ForwardNotice& notice : notices) {
+        if (notice.has_layer()) {
+          // Every layer gets a slot of its own, so receives of later layers are posted while
+          // earlier ones are in flight; the stream is synchronised once, at the request's end.
+          const v1::LayerResult& result = notice.layer().result();
+          std::byte* slot = buffer_ + (received++ % kSlots) * kSlotBytes;
+          if (result.keys_bytes() + result.values_bytes() + result.positions_bytes() > kSlotBytes) {
+            std::fprintf(stderr, "a forwarded layer exceeds the receive slot\n");
+            std::exit(1);
+          }
+          {
+            std::lock_guard<std::mutex> lock(mu_);
+            if (received == 1) first_notice_at_ = Clock::now();
+            last_notice_at_ = Clock::now();
+          }
+          ForwardedLayerBuffers out;
+          out.keys = slot;
+          out.values = slot + result.keys_bytes();
+          out.positions =
+              reinterpret_cast<int32_t*>(slot + result.keys_bytes() + result.values_bytes());
+          layers.push_back(&notice.layer());
+          buffers.push_back(out);
+        } else {
+          flush();
+          const Clock::time_point synchronize_started = Clock::now();
+          CHECK_OK(channel_->Synchronize(stream_, absl::Seconds(30)));
+          if (notice.end().status_code() != 0) {
+            std::fprintf(stderr, "forwarded request failed: %s\n",
+                         notice.end().status_message().c_str());
+          }
+          std::lock_guard<std::mutex> lock(mu_);
+          end_notice_at_ = synchronize_started;
+          layers_ = received;
+          received = 0;
+          last_layer_at_ = Clock::now();
+          ended_ = notice.end().request_id();
+        }
+      }
+      flush();
     }
   }
 
@@ -292,7 +333,11 @@ class DecodeListener {
   std::unique_ptr<ForwardStream> notices_;
   cudaStream_t stream_ = nullptr;
   std::byte* buffer_ = nullptr;
-  std::thread thread_;
+  std::thread reader_, thread_;
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<v1::ForwardNotice> queue_;
+  bool closed_ = false;
   std::mutex mu_;
   std::string ended_;
   int layers_ = 0;

@@ -57,6 +57,11 @@ class FakeNcclLink final : public NcclLink {
     absl::MutexLock lock(&mu_);
     stalled_ = true;
   }
+  // While held, enqueues block (a group being launched), so that concurrent callers queue.
+  void HoldEnqueues(bool hold) {
+    absl::MutexLock lock(&gate_mu_);
+    held_ = hold;
+  }
   std::vector<Group> groups() const {
     absl::MutexLock lock(&mu_);
     return groups_;
@@ -81,6 +86,11 @@ class FakeNcclLink final : public NcclLink {
 
   absl::StatusOr<std::unique_ptr<NcclTransfer>> Enqueue(bool send,
                                                         std::span<const DeviceSpan> tensors) {
+    {
+      absl::MutexLock gate(&gate_mu_);
+      gate_mu_.Await(absl::Condition(
+          +[](bool* held) { return !*held; }, &held_));
+    }
     absl::MutexLock lock(&mu_);
     if (aborted_) return absl::FailedPreconditionError("nccl channel aborted");
     if (fail_next_) {
@@ -102,6 +112,8 @@ class FakeNcclLink final : public NcclLink {
   bool fail_next_ ABSL_GUARDED_BY(mu_) = false;
   bool stalled_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<Group> groups_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex gate_mu_;
+  bool held_ ABSL_GUARDED_BY(gate_mu_) = false;
 };
 
 }  // namespace kvcompress::testing

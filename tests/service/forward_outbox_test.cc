@@ -1,6 +1,7 @@
 #include "service/forward_outbox.h"
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -62,6 +63,42 @@ TEST(ForwardOutboxTest, AnnouncesEachLayerAndSendsItsTensorsInOneOrder) {
   }
   EXPECT_TRUE(listener.closed_with.empty());
   EXPECT_FALSE(link.aborted());
+}
+
+TEST(ForwardOutboxTest, LayersArrivingWhileAGroupIsEnqueuedGoOutAsOneGroup) {
+  FakeNcclLink link(ChannelDirection::kFromKvcd);
+  ForwardOutbox outbox(link);
+  RecordingListener listener;
+  ASSERT_TRUE(outbox.Attach(&listener).ok());
+  link.HoldEnqueues(true);
+  std::vector<std::thread> senders;
+  // Layer 0 starts enqueueing and is held there; layers 1..3 queue behind it.
+  senders.emplace_back(
+      [&] { EXPECT_TRUE(outbox.Deliver(LayerNotice(0), Tensors(100, 200, 10), Soon()).ok()); });
+  absl::SleepFor(absl::Milliseconds(100));
+  for (uint32_t layer = 1; layer <= 3; ++layer) {
+    senders.emplace_back([&, layer] {
+      EXPECT_TRUE(
+          outbox.Deliver(LayerNotice(layer), Tensors(100 + layer, 200 + layer, 10 + layer), Soon())
+              .ok());
+    });
+  }
+  absl::SleepFor(absl::Milliseconds(100));
+  link.HoldEnqueues(false);
+  for (std::thread& sender : senders) sender.join();
+
+  const std::vector<FakeNcclLink::Group> groups = link.groups();
+  ASSERT_EQ(groups.size(), 2u);  // layer 0, then 1..3 together
+  EXPECT_THAT(groups[0].bytes, ElementsAre(100, 200, 10));
+  ASSERT_EQ(groups[1].bytes.size(), 9u);
+  // The notices come in the order of the tensors in the groups.
+  ASSERT_EQ(listener.notices.size(), 4u);
+  EXPECT_EQ(listener.notices[0].layer().result().layer(), 0u);
+  for (size_t i = 1; i < 4; ++i) {
+    const uint32_t layer = listener.notices[i].layer().result().layer();
+    EXPECT_EQ(groups[1].bytes[3 * (i - 1)], 100 + layer);
+    EXPECT_EQ(groups[1].bytes[3 * (i - 1) + 2], 10 + layer);
+  }
 }
 
 TEST(ForwardOutboxTest, WithoutAListenerNothingIsSent) {
