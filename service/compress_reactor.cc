@@ -160,7 +160,7 @@ void CompressReactor::OnReadDone(bool ok) {
       device_bytes_announced_ = ready_assembler_->bytes_received();
       completed.emplace();
       completed->device = *ready;
-      if (nccl_link_ != nullptr) {
+      if (nccl_link_.load() != nullptr) {
         status = ReceiveNcclLayer(*completed);
         if (!status.ok()) {
           reason = status.code() == absl::StatusCode::kResourceExhausted
@@ -429,6 +429,12 @@ void CompressReactor::OnDone() {
 
 void CompressReactor::Fail(absl::Status status, ErrorReason reason) {
   if (terminal_ || finish_called_) return;
+  if (NcclLink* link = nccl_link_.load(); link != nullptr) {
+    // The client may have sent tensors kvcd will never receive: the channel's byte stream is
+    // lost, so the channel goes (its next use answers FAILED_PRECONDITION). Aborting now also
+    // makes receives in flight return at once instead of at their deadline.
+    link->Abort(absl::StrCat("a stream on it failed: ", status.message()));
+  }
   terminal_ = true;
   status_ = std::move(status);
   error_reason_ = reason;
@@ -448,11 +454,6 @@ void CompressReactor::Continue() {
     if (jobs_in_flight_ == 0 && !write_in_flight_) {
       finish_called_ = true;
       PostForwardEnd(status_);
-      if (nccl_link_ != nullptr) {
-        // The client may have sent tensors kvcd will never receive: the channel's byte stream
-        // is lost, so the channel goes (its next use answers FAILED_PRECONDITION).
-        nccl_link_->Abort(absl::StrCat("a stream on it failed: ", status_.message()));
-      }
       RecordOutcome(status_);
       Finish(ToGrpcStatus(status_));
     }
@@ -564,8 +565,8 @@ absl::Time CompressReactor::NcclDeadline() const {
 
 absl::Status CompressReactor::ReceiveNcclLayer(AssembledLayer& layer) {
   absl::StatusOr<ReceivedDeviceLayer> received =
-      ReceiveDeviceLayer(*environment_.channels.device_backend, *nccl_link_, header_->geometry,
-                         *layer.device, NcclDeadline());
+      ReceiveDeviceLayer(*environment_.channels.device_backend, *nccl_link_.load(),
+                         header_->geometry, *layer.device, NcclDeadline());
   if (!received.ok()) return received.status();
   layer.device = received->input;
   layer.device_transfer = std::move(received->transfer);

@@ -25,6 +25,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -169,7 +170,9 @@ class CompressReactor final
   ChannelLease channel_;
   std::unique_ptr<LayerReadyAssembler> ready_assembler_;
   uint64_t device_bytes_announced_ = 0;
-  NcclLink* nccl_link_ = nullptr;  // nccl streams: the channel's communicator
+  // nccl streams: the channel's communicator. Set on the read path, read by Fail on any
+  // thread (which aborts it so that receives in flight return at once).
+  std::atomic<NcclLink*> nccl_link_{nullptr};
   // Forwarding streams: the decode worker's channel, leased until the reactor is deleted;
   // written on the read path before the first job exists, read-only afterwards.
   ChannelLease forward_channel_;

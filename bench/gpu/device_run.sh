@@ -37,6 +37,7 @@ step tests_small 150 "$DIST/gpu_cuda_backend_test" --gtest_filter='SmallConfigs*
 step tests_kvcd 90 "$DIST/gpu_kvcd_cuda_test"
 step tests_ipc 120 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_cuda_ipc_test"
 step tests_nccl 240 env KVC_BIN_DIR="$PWD/$DIST" "$DIST/gpu_nccl_transport_test"
+step examples 180 bash bench/gpu/examples_run.sh "$DIST"
 step transport 240 env BIN="$DIST" bash bench/transport/run.sh ${TRANSPORT_ARGS:-} --json="$OUT/transport.json"
 # The same over a slower link: NCCL without peer-to-peer (through host memory), standing in
 # for a network between nodes; both the raw baseline and kvcd use it.
@@ -57,6 +58,7 @@ tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
 [ -f "$LOGS/bench.log" ] && tail -30 "$LOGS/bench.log"
 [ -f "$LOGS/transport.log" ] && grep -E "^(cache|raw|kvcd|end)" "$LOGS/transport.log"
 [ -f "$LOGS/transport_nop2p.log" ] && grep -E "^(cache|raw|kvcd|end)" "$LOGS/transport_nop2p.log"
+[ -f "$LOGS/examples.log" ] && tail -25 "$LOGS/examples.log"
 [ -f "$LOGS/tests_nccl.log" ] && grep -E "^\[ +(OK|FAILED|SKIPPED) |Failure|error" "$LOGS/tests_nccl.log" | head -30
 grep -hE "^\[  (PASSED|FAILED) |tests? ran|gpu totals|near-ties|Failure" "$LOGS"/tests_*.log | head -60
 [ -f "$LOGS/kvcd_end_to_end.log" ] && grep -E "^== |backend|total" "$LOGS/kvcd_end_to_end.log" | head -30

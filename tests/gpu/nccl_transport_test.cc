@@ -7,8 +7,11 @@
 //    decode channel as forward_channel_id; the stream returns only the summary, and the
 //    decode worker's dumps equal the inline results byte for byte. Then nccl in + forward.
 //  - faults: a client that announces layers but never sends them (DEADLINE_EXCEEDED within
-//    the deadline, the channel aborted, device memory back to 0, kvcd serving); a decode
-//    worker killed before a forward (the request fails, memory back to 0, kvcd serving).
+//    the deadline, the channel aborted, device memory back to 0, kvcd serving); a client
+//    killed mid-transfer (a child process: this binary re-run with KVC_NCCL_CHILD set; kvcd
+//    lets go of everything within seconds, not at the stream's deadline, and keeps serving);
+//    a decode worker killed before a forward (the request fails, memory back to 0, kvcd
+//    serving).
 //
 // Skipped with fewer than two CUDA devices. Run: ctest -R gpu_nccl_transport_test.
 #include <cuda_runtime_api.h>
@@ -16,7 +19,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+extern char** environ;
+
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -174,6 +180,7 @@ class DecodeWorker {
 class NcclTransportTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (std::getenv("KVC_NCCL_CHILD") != nullptr) GTEST_SKIP() << "child process";
     if (DeviceCount() < 2) GTEST_SKIP() << "needs two CUDA devices";
     auto kvcd = KvcdProcess::Start({"--backend=cuda", "--cuda_device=0", "--allow_cuda_ipc",
                                     "--allow_nccl", "--channel_idle_timeout=30s"});
@@ -366,6 +373,88 @@ TEST_F(NcclTransportTest, AKilledDecodeWorkerFailsTheForwardAndKvcdServes) {
   EXPECT_EQ(DeviceMemoryInUse(*client_), 0u);
   EXPECT_EQ(Inline().size(), static_cast<size_t>(kLayers));
   EXPECT_TRUE(kvcd_->Alive());
+}
+
+// The killed client: started by AClientKilledMidTransfer..., it sends two layers of four over
+// nccl from GPU 1, announces the third without sending it (so kvcd is receiving), and waits
+// to be killed.
+TEST(NcclChild, SendTwoLayersAnnounceAThirdAndWait) {
+  const char* target = std::getenv("KVC_NCCL_CHILD");
+  const char* ready_file = std::getenv("KVC_NCCL_CHILD_READY");
+  if (target == nullptr || ready_file == nullptr) GTEST_SKIP() << "only as a child process";
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  auto client = Client::Connect(target);
+  ASSERT_TRUE(client.ok());
+  const auto cache = RandomCache();
+  std::vector<LayerTensors> tensors;
+  for (const auto& layer : cache) tensors.push_back(LayerTensors{layer[0], layer[1], layer[2], {}});
+  DeviceCacheSenderOptions options;
+  options.transport = v1::TRANSPORT_NCCL;
+  auto sender = DeviceCacheSender::Create(**client, tensors, options);
+  ASSERT_TRUE(sender.ok()) << sender.status();
+  v1::CompressHeader header = Header("killed");
+  (*sender)->Attach(header);
+  SessionOptions session_options;
+  session_options.deadline = absl::Seconds(120);
+  auto session = (*client)->StartCompress(header, std::move(session_options));
+  ASSERT_TRUE(session.ok());
+  ASSERT_TRUE((*sender)->SendLayer(**session, 0).ok());
+  ASSERT_TRUE((*sender)->SendLayer(**session, 1).ok());
+  ASSERT_TRUE((*session)->SendLayerAnnouncement(0, 2).ok());
+  std::ofstream(ready_file) << "ready\n";
+  std::this_thread::sleep_for(std::chrono::minutes(5));
+}
+
+TEST_F(NcclTransportTest, AClientKilledMidTransferReleasesEverythingWithinSeconds) {
+  const std::string ready_file = testing::MakeScratchDir() + "/ready";
+  // Everything the child needs is made before fork: between fork and exec only async-signal-
+  // safe calls (the parent has gRPC threads and a CUDA context the child must not touch).
+  std::vector<std::string> environment;
+  for (char** entry = environ; *entry != nullptr; ++entry) environment.emplace_back(*entry);
+  environment.push_back("KVC_NCCL_CHILD=" + kvcd_->target());
+  environment.push_back("KVC_NCCL_CHILD_READY=" + ready_file);
+  std::vector<char*> envp;
+  for (std::string& entry : environment) envp.push_back(entry.data());
+  envp.push_back(nullptr);
+  std::string self = "/proc/self/exe";
+  std::string filter = "--gtest_filter=NcclChild.*";
+  char* argv[] = {self.data(), filter.data(), nullptr};
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    execve(self.c_str(), argv, envp.data());
+    _exit(127);
+  }
+  bool ready = false;
+  for (int i = 0; i < 600 && !ready; ++i) {
+    ready = std::ifstream(ready_file).good();
+    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (!ready) kill(child, SIGKILL);
+  ASSERT_TRUE(ready) << "the child never sent its layers";
+  const auto killed_at = std::chrono::steady_clock::now();
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  // The stream's deadline is 120 s and --nccl_timeout 120 s: letting go within seconds means
+  // the cancelled stream aborted its channel instead of waiting for the receive.
+  for (int i = 0; i < 200 && DeviceMemoryInUse(*client_) != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+  EXPECT_EQ(DeviceMemoryInUse(*client_), 0u);
+  EXPECT_LT(seconds, 10.0);
+  ASSERT_TRUE(kvcd_->Alive());
+  // kvcd serves nccl clients as before.
+  std::vector<CompressedLayer> got;
+  absl::StatusOr<v1::CompressSummary> summary =
+      Send(1, v1::TRANSPORT_NCCL, Header("after-the-kill"), &got);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  ASSERT_EQ(got.size(), want_.size());
+  for (int l = 0; l < kLayers; ++l) {
+    EXPECT_EQ(got[l].positions, want_[l].positions);
+    EXPECT_TRUE(got[l].keys == want_[l].keys);
+  }
 }
 
 }  // namespace
