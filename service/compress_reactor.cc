@@ -282,9 +282,17 @@ void CompressReactor::RunDeviceBatches() {
         Continue();
         return;
       }
-      batch.assign(std::make_move_iterator(device_pending_.begin()),
-                   std::make_move_iterator(device_pending_.end()));
-      device_pending_.clear();
+      // Layers received over nccl hold pooled device memory that counts against the stream's
+      // buffer: a batch takes at most half of it, so that the next layers are received while
+      // this batch compresses (in-place cuda_ipc layers hold none and all go together).
+      uint64_t batch_bytes = 0;
+      while (!device_pending_.empty() &&
+             (batch.empty() || batch_bytes + device_pending_.front().layer.device_bytes <=
+                                   environment_.stream_buffer_bytes / 2)) {
+        batch_bytes += device_pending_.front().layer.device_bytes;
+        batch.push_back(std::move(device_pending_.front()));
+        device_pending_.pop_front();
+      }
       skip = terminal_;
     }
     const Clock::time_point started = Clock::now();

@@ -5,6 +5,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -109,6 +110,13 @@ class NcclLinkImpl final : public NcclLink {
   }
 
   void Abort(absl::string_view reason) override {
+    // A thread may hold the lock while it waits for a group to leave ncclInProgress (up to its
+    // deadline, when the peer is gone): ask it to stop first, then take the lock.
+    {
+      absl::MutexLock lock(&request_mu_);
+      if (requested_abort_reason_.empty()) requested_abort_reason_ = std::string(reason);
+    }
+    abort_requested_.store(true);
     absl::MutexLock lock(&mu_);
     AbortLocked(reason);
   }
@@ -182,6 +190,10 @@ class NcclLinkImpl final : public NcclLink {
       if (result != ncclSuccess) return NcclError(result, what, comm_);
       if (state == ncclSuccess) return absl::OkStatus();
       if (state != ncclInProgress) return NcclError(state, what, comm_);
+      if (abort_requested_.load()) {
+        absl::MutexLock lock(&request_mu_);
+        return absl::FailedPreconditionError(requested_abort_reason_);
+      }
       if (absl::Now() >= deadline) {
         return absl::DeadlineExceededError(
             absl::StrCat("nccl: ", what,
@@ -260,6 +272,10 @@ class NcclLinkImpl final : public NcclLink {
   std::string abort_reason_ ABSL_GUARDED_BY(mu_);
   // The last transfer enqueued whose event is not recorded yet (its group may be in progress).
   NcclTransferImpl* pending_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Set by Abort before it takes mu_, so that a wait holding mu_ gives up at once.
+  std::atomic<bool> abort_requested_{false};
+  absl::Mutex request_mu_;
+  std::string requested_abort_reason_ ABSL_GUARDED_BY(request_mu_);
 };
 
 NcclTransferImpl::~NcclTransferImpl() {
