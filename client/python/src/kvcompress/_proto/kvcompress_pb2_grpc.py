@@ -120,7 +120,9 @@ class KvCompressServicer(object):
         (keys, values, positions, then merged counts when merged_bytes > 0) over the channel's
         communicator; the listener posts one ncclRecv per tensor, of exactly the announced bytes,
         in that order. ForwardNotice{end} closes each forwarded request (with its status). One
-        listener per channel (ALREADY_EXISTS for a second); the stream ends when the channel closes.
+        listener per channel (ALREADY_EXISTS for a second). The stream ends with an error when the
+        channel is aborted (a transfer failed); the listener ends it by cancelling, which aborts the
+        channel (what was announced could no longer be received): cancel, then CloseChannel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
