@@ -401,7 +401,7 @@ absl::Status WriteCompressedCache(const std::string& path, const CacheGeometry& 
   }
 
   const TensorDType dtype = FileDType(geometry.dtype);
-  const size_t row_bytes = static_cast<size_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+  const size_t row_bytes = geometry.RowBytes();
   const int64_t heads = geometry.num_kv_heads;
   uint64_t tokens_kept = 0;
   Json attention_mass = Json::array();

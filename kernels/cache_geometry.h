@@ -25,14 +25,15 @@ struct CacheGeometry {
   Layout layout = Layout::kHND;    // keys and values
 
   int group_size() const { return num_query_heads / num_kv_heads; }
+  // Bytes of one row (one token of one head) of K or V: head_dim elements.
+  size_t RowBytes() const { return static_cast<size_t>(head_dim) * DTypeSize(dtype); }
   // Bytes of one K (or V) tensor of one layer holding `num_tokens` tokens.
   size_t KeyValueBytes(int64_t num_tokens) const {
     return static_cast<size_t>(num_kv_heads) * num_tokens * head_dim * DTypeSize(dtype);
   }
   // Bytes of the window queries of one layer: [H_q, W, D].
   size_t QueryBytes(int64_t num_window_queries) const {
-    return static_cast<size_t>(num_query_heads) * num_window_queries * head_dim *
-           DTypeSize(dtype);
+    return static_cast<size_t>(num_query_heads) * num_window_queries * head_dim * DTypeSize(dtype);
   }
   // Bytes of the client scores of one layer: [score_heads, T] fp32.
   static size_t ScoreBytes(int num_score_heads, int64_t num_tokens) {
@@ -52,12 +53,10 @@ struct SequenceShape {
 };
 
 // Element index of the first element of row (head, token) of a K or V tensor.
-KVC_HOST_DEVICE inline size_t KeyValueRowOffset(Layout layout, int num_kv_heads,
-                                                int64_t num_tokens, int head_dim, int head,
-                                                int64_t token) {
-  return layout == Layout::kHND
-             ? (static_cast<size_t>(head) * num_tokens + token) * head_dim
-             : (static_cast<size_t>(token) * num_kv_heads + head) * head_dim;
+KVC_HOST_DEVICE inline size_t KeyValueRowOffset(Layout layout, int num_kv_heads, int64_t num_tokens,
+                                                int head_dim, int head, int64_t token) {
+  return layout == Layout::kHND ? (static_cast<size_t>(head) * num_tokens + token) * head_dim
+                                : (static_cast<size_t>(token) * num_kv_heads + head) * head_dim;
 }
 
 // One layer of one sequence as the worker cached it.

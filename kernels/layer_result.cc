@@ -8,7 +8,7 @@ namespace kvcompress {
 PaddedLayerResult ToPadded(const LayerResult& result, const CacheGeometry& geometry) {
   PaddedLayerResult padded;
   const size_t num_heads = result.kept.size();
-  const size_t row_bytes = static_cast<size_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+  const size_t row_bytes = geometry.RowBytes();
   for (int32_t kept : result.kept) padded.max_kept = std::max(padded.max_kept, kept);
   const size_t max_kept = static_cast<size_t>(padded.max_kept);
 

@@ -44,10 +44,6 @@ ErrorReason HeaderErrorReason(const v1::CompressRequest& request, const absl::St
   }
 }
 
-uint64_t RowBytes(const CacheGeometry& geometry) {
-  return static_cast<uint64_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
-}
-
 uint64_t LayerBytes(const LayerInput& input) {
   return input.keys.size() + input.values.size() + input.queries.size() +
          input.scores.size() * sizeof(float);
@@ -316,7 +312,7 @@ void CompressReactor::CompleteJob(absl::StatusOr<std::vector<LayerResult>> resul
     for (const LayerResult& result : *results) {
       forwarded_bytes +=
           static_cast<uint64_t>(result.total_kept()) *
-          (2 * RowBytes(header_->geometry) + sizeof(int32_t) * (result.merged.empty() ? 1 : 2));
+          (2 * header_->geometry.RowBytes() + sizeof(int32_t) * (result.merged.empty() ? 1 : 2));
     }
   }
   const Clock::time_point compressed_at = Clock::now();
@@ -578,8 +574,7 @@ absl::Status CompressReactor::ReceiveNcclLayer(AssembledLayer& layer) {
   if (!received.ok()) return received.status();
   layer.device = received->input;
   layer.device_transfer = std::move(received->transfer);
-  layer.device_bytes = 2 * header_->geometry.KeyValueBytes(layer.device->shape.num_tokens) +
-                       header_->geometry.QueryBytes(layer.device->shape.num_window_queries);
+  layer.device_bytes = received->device_bytes;
   return absl::OkStatus();
 }
 

@@ -327,17 +327,13 @@ absl::Status NcclTransferImpl::Wait(absl::Time deadline) {
 
 // Sizes of a layer's tensors, in transfer order.
 std::vector<uint64_t> LayerTensorSizes(const CacheGeometry& geometry, const SequenceShape& shape) {
-  const uint64_t element = static_cast<uint64_t>(DTypeSize(geometry.dtype));
-  const uint64_t kv =
-      static_cast<uint64_t>(geometry.num_kv_heads) * shape.num_tokens * geometry.head_dim * element;
+  const uint64_t kv = geometry.KeyValueBytes(shape.num_tokens);
   std::vector<uint64_t> sizes = {kv, kv};
   if (shape.num_window_queries > 0) {
-    sizes.push_back(static_cast<uint64_t>(geometry.num_query_heads) * shape.num_window_queries *
-                    geometry.head_dim * element);
+    sizes.push_back(geometry.QueryBytes(shape.num_window_queries));
   }
   if (shape.num_score_heads > 0) {
-    sizes.push_back(static_cast<uint64_t>(shape.num_score_heads) * shape.num_tokens *
-                    sizeof(float));
+    sizes.push_back(CacheGeometry::ScoreBytes(shape.num_score_heads, shape.num_tokens));
   }
   return sizes;
 }
@@ -403,6 +399,7 @@ absl::StatusOr<ReceivedDeviceLayer> ReceiveDeviceLayer(Backend& backend, NcclLin
     next += AlignUp(size);
   }
   ReceivedDeviceLayer received;
+  received.device_bytes = total;
   received.input = layer;
   received.input.keys = spans[0].data;
   received.input.values = spans[1].data;
@@ -424,7 +421,7 @@ absl::Status ForwardHostLayer(Backend& device_backend, const CacheGeometry& geom
     return absl::FailedPreconditionError("forwarding needs kvcd's cuda backend");
   }
   KVC_CUDA_RETURN_IF_ERROR(cudaSetDevice(compressor->device()));
-  const size_t row_bytes = static_cast<size_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+  const size_t row_bytes = geometry.RowBytes();
   const std::vector<std::pair<const void*, uint64_t>> host = {
       {result.keys.data(), result.keys.size()},
       {result.values.data(), result.values.size()},

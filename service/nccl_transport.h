@@ -63,6 +63,7 @@ std::unique_ptr<ChannelResources> MakeNcclChannelResources(std::unique_ptr<NcclL
 struct ReceivedDeviceLayer {
   DeviceLayerInput input;
   std::shared_ptr<NcclTransfer> transfer;  // also owns the device memory
+  uint64_t device_bytes = 0;               // the memory it holds
 };
 
 // Allocates the layer's tensors from `backend`'s pool and enqueues their receives on `link`

@@ -211,7 +211,7 @@ void CpuBackend::SelectAndReduceHead(const CacheGeometry& geometry, const Method
 void CpuBackend::WriteHeadRows(const CacheGeometry& geometry, const LayerJob& job, int kv_head,
                                const HeadWork& work, LayerResult& result) {
   const int64_t num_tokens = job.input.shape.num_tokens;
-  const size_t row_bytes = static_cast<size_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+  const size_t row_bytes = geometry.RowBytes();
   const size_t first_row = static_cast<size_t>(result.offsets[kv_head]);
   const cpu::MergedHead& rows = work.rows;
   const size_t count = rows.positions.size();
@@ -285,7 +285,7 @@ absl::Status CpuBackend::CompressLayers(const CacheGeometry& geometry, const Met
     pool_.ParallelFor(static_cast<int64_t>(works.size()), finish_head);
   }
 
-  const size_t row_bytes = static_cast<size_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+  const size_t row_bytes = geometry.RowBytes();
   for (size_t i = 0; i < jobs.size(); ++i) {
     LayerResult& result = results[i];
     result = LayerResult{};

@@ -34,7 +34,7 @@ EncodedLayerResult::EncodedLayerResult(LayerResult result, const CacheGeometry& 
   if (result.in_output_region) {
     // Written into the client's output slice (cuda_ipc): the header alone, with the sizes.
     const uint64_t rows = static_cast<uint64_t>(result.total_kept());
-    const uint64_t row_bytes = static_cast<uint64_t>(geometry.head_dim) * DTypeSize(geometry.dtype);
+    const uint64_t row_bytes = geometry.RowBytes();
     header_.set_in_output_region(true);
     header_.set_keys_bytes(rows * row_bytes);
     header_.set_values_bytes(rows * row_bytes);

@@ -14,8 +14,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-extern char** environ;
-
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -32,11 +30,13 @@ extern char** environ;
 #include "client/cuda_ipc_channel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/gpu/gpu_test_support.h"
 #include "tests/integration/kvcd_process.h"
 
 namespace kvcompress {
 namespace {
 
+using ::kvcompress::testing::DeviceMemoryInUse;
 using ::kvcompress::testing::KvcdProcess;
 using ::testing::HasSubstr;
 
@@ -165,16 +165,6 @@ absl::StatusOr<std::vector<CompressedLayer>> CompressInPlace(Client& client,
     layers.at(layer) = std::move(**next);
   }
   return layers;
-}
-
-uint64_t DeviceMemoryInUse(Client& client) {
-  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
-  EXPECT_TRUE(info.ok()) << info.status();
-  uint64_t in_use = 0;
-  if (info.ok()) {
-    for (const v1::DeviceInfo& device : info->devices()) in_use += device.memory_in_use_bytes();
-  }
-  return in_use;
 }
 
 class CudaIpcTest : public ::testing::Test {
@@ -412,29 +402,12 @@ TEST(CudaIpcChild, SendOneLayerAndWait) {
 
 TEST_F(CudaIpcTest, KilledClientReleasesEverythingAndKvcdKeepsServing) {
   const std::string ready_file = ::kvcompress::testing::MakeScratchDir() + "/ready";
-  // Everything the child needs is made before fork: between fork and exec only async-signal-
-  // safe calls (the parent has gRPC threads and a CUDA context the child must not touch).
-  std::vector<std::string> environment;
-  for (char** entry = environ; *entry != nullptr; ++entry) environment.emplace_back(*entry);
-  environment.push_back("KVC_CUDA_IPC_CHILD=" + kvcd_->target());
-  environment.push_back("KVC_CUDA_IPC_CHILD_READY=" + ready_file);
-  std::vector<char*> envp;
-  for (std::string& entry : environment) envp.push_back(entry.data());
-  envp.push_back(nullptr);
-  std::string self = "/proc/self/exe";
-  std::string filter = "--gtest_filter=CudaIpcChild.*";
-  char* argv[] = {self.data(), filter.data(), nullptr};
-  const pid_t child = fork();
+  const pid_t child = ::kvcompress::testing::SpawnSelf(
+      "CudaIpcChild.*",
+      {"KVC_CUDA_IPC_CHILD=" + kvcd_->target(), "KVC_CUDA_IPC_CHILD_READY=" + ready_file});
   ASSERT_GE(child, 0);
-  if (child == 0) {
-    execve(self.c_str(), argv, envp.data());
-    _exit(127);
-  }
-  bool ready = false;
-  for (int i = 0; i < 600 && !ready; ++i) {
-    ready = std::ifstream(ready_file).good();
-    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  const bool ready = ::kvcompress::testing::WaitForFile(ready_file);
+  if (!ready) kill(child, SIGKILL);
   ASSERT_TRUE(ready) << "the child never sent its layer";
   kill(child, SIGKILL);
   int status = 0;

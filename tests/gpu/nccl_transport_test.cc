@@ -19,8 +19,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-extern char** environ;
-
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -38,11 +36,13 @@ extern char** environ;
 #include "client/nccl_channel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/gpu/gpu_test_support.h"
 #include "tests/integration/kvcd_process.h"
 
 namespace kvcompress {
 namespace {
 
+using ::kvcompress::testing::DeviceMemoryInUse;
 using ::kvcompress::testing::KvcdProcess;
 using ::testing::AnyOf;
 
@@ -101,16 +101,6 @@ std::vector<std::vector<std::vector<std::byte>>> RandomCache() {
     }
   }
   return cache;
-}
-
-uint64_t DeviceMemoryInUse(Client& client) {
-  absl::StatusOr<v1::ServerInfo> info = client.GetServerInfo();
-  EXPECT_TRUE(info.ok()) << info.status();
-  uint64_t in_use = 0;
-  if (info.ok()) {
-    for (const v1::DeviceInfo& device : info->devices()) in_use += device.memory_in_use_bytes();
-  }
-  return in_use;
 }
 
 std::string ReadFile(const std::string& path) {
@@ -407,29 +397,10 @@ TEST(NcclChild, SendTwoLayersAnnounceAThirdAndWait) {
 
 TEST_F(NcclTransportTest, AClientKilledMidTransferReleasesEverythingWithinSeconds) {
   const std::string ready_file = testing::MakeScratchDir() + "/ready";
-  // Everything the child needs is made before fork: between fork and exec only async-signal-
-  // safe calls (the parent has gRPC threads and a CUDA context the child must not touch).
-  std::vector<std::string> environment;
-  for (char** entry = environ; *entry != nullptr; ++entry) environment.emplace_back(*entry);
-  environment.push_back("KVC_NCCL_CHILD=" + kvcd_->target());
-  environment.push_back("KVC_NCCL_CHILD_READY=" + ready_file);
-  std::vector<char*> envp;
-  for (std::string& entry : environment) envp.push_back(entry.data());
-  envp.push_back(nullptr);
-  std::string self = "/proc/self/exe";
-  std::string filter = "--gtest_filter=NcclChild.*";
-  char* argv[] = {self.data(), filter.data(), nullptr};
-  const pid_t child = fork();
+  const pid_t child = testing::SpawnSelf(
+      "NcclChild.*", {"KVC_NCCL_CHILD=" + kvcd_->target(), "KVC_NCCL_CHILD_READY=" + ready_file});
   ASSERT_GE(child, 0);
-  if (child == 0) {
-    execve(self.c_str(), argv, envp.data());
-    _exit(127);
-  }
-  bool ready = false;
-  for (int i = 0; i < 600 && !ready; ++i) {
-    ready = std::ifstream(ready_file).good();
-    if (!ready) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
+  const bool ready = testing::WaitForFile(ready_file);
   if (!ready) kill(child, SIGKILL);
   ASSERT_TRUE(ready) << "the child never sent its layers";
   const auto killed_at = std::chrono::steady_clock::now();

@@ -7,6 +7,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/service/fake_nccl_link.h"
+#include "tests/service/host_regions.h"
 
 namespace kvcompress {
 namespace {
@@ -14,19 +15,6 @@ namespace {
 using ::testing::HasSubstr;
 
 std::atomic<int> released{0};
-
-class HostRegions final : public ChannelResources {
- public:
-  absl::StatusOr<std::byte*> OpenRegion(const RegionDescriptor& region) override {
-    if (region.ipc_handle.size() != 64) return absl::InvalidArgumentError("ipc_handle: 64 bytes");
-    memory_.emplace_back(std::make_unique<std::byte[]>(region.size_bytes));
-    return memory_.back().get();
-  }
-  void Release() override { ++released; }
-
- private:
-  std::vector<std::unique_ptr<std::byte[]>> memory_;
-};
 
 class ChannelRpcsTest : public ::testing::Test {
  protected:
@@ -38,7 +26,7 @@ class ChannelRpcsTest : public ::testing::Test {
     environment_.cuda_ipc_compiled = true;
     environment_.cuda_ipc_resources =
         [](Backend&) -> absl::StatusOr<std::unique_ptr<ChannelResources>> {
-      return std::make_unique<HostRegions>();
+      return std::make_unique<testing::HostRegions>(&released, /*require_ipc_handle=*/true);
     };
     token_.authenticated = token_.token_checked = true;
     cert_.authenticated = cert_.certificate_verified = true;

@@ -12,23 +12,12 @@
 #include "gtest/gtest.h"
 #include "kvcompress/v1/kvcompress.grpc.pb.h"
 #include "service/kvcompress_server.h"
+#include "tests/service/host_regions.h"
 
 namespace kvcompress {
 namespace {
 
 using ::testing::HasSubstr;
-
-class HostRegions final : public ChannelResources {
- public:
-  absl::StatusOr<std::byte*> OpenRegion(const RegionDescriptor& region) override {
-    memory_.emplace_back(std::make_unique<std::byte[]>(region.size_bytes));
-    return memory_.back().get();
-  }
-  void Release() override {}
-
- private:
-  std::vector<std::unique_ptr<std::byte[]>> memory_;
-};
 
 class ChannelServerTest : public ::testing::Test {
  protected:
@@ -51,7 +40,7 @@ class ChannelServerTest : public ::testing::Test {
     options.auth_token = std::move(token);
     options.channel_resources_for_testing =
         [](Backend&) -> absl::StatusOr<std::unique_ptr<ChannelResources>> {
-      return std::make_unique<HostRegions>();
+      return std::make_unique<testing::HostRegions>();
     };
     return options;
   }

@@ -6,6 +6,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/service/host_regions.h"
 
 namespace kvcompress {
 namespace {
@@ -13,18 +14,6 @@ namespace {
 using ::testing::HasSubstr;
 
 // Regions are host buffers standing in for opened device memory.
-class HostRegions final : public ChannelResources {
- public:
-  absl::StatusOr<std::byte*> OpenRegion(const RegionDescriptor& region) override {
-    memory_.emplace_back(std::make_unique<std::byte[]>(region.size_bytes));
-    return memory_.back().get();
-  }
-  void Release() override {}
-
- private:
-  std::vector<std::unique_ptr<std::byte[]>> memory_;
-};
-
 class LayerReadyAssemblerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -37,7 +26,7 @@ class LayerReadyAssemblerTest : public ::testing::Test {
     // Sequence 0: T 16, W 2; sequence 1: T 8, scores per KV head.
     sequences_ = {SequenceShape{16, 2, 0}, SequenceShape{8, 0, 2}};
     channel_ = std::make_unique<Channel>("c", "cuda_ipc", "token", absl::Minutes(1),
-                                         std::make_unique<HostRegions>());
+                                         std::make_unique<testing::HostRegions>());
     RegionDescriptor region;
     region.size_bytes = 1 << 16;
     ASSERT_TRUE(channel_->AddRegion(region, 4).ok());
